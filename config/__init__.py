@@ -1,0 +1,1 @@
+"""Deployment configuration of the example application."""

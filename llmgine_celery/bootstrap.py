@@ -1,0 +1,228 @@
+"""ApplicationBootstrap: wires the ObservabilityBus, the MessageBus and Celery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kombu.exceptions import OperationalError
+
+from llmgine_celery.bus import topology
+from llmgine_celery.bus.celery_app import LLMgineCelery, build_celery, task_queues, transport_of
+from llmgine_celery.bus.command_tasks import register_command_task
+from llmgine_celery.bus.embedded import EmbeddedWorker
+from llmgine_celery.bus.events import declare_groups, event_consumer_step, register_handler_task
+from llmgine_celery.bus.message_bus import MessageBus
+from llmgine_celery.bus.registry import CommandRoute, EventRoute, HandlerRegistry
+from llmgine_celery.errors import BrokerUnavailableError, ConfigurationError
+from llmgine_celery.messages.commands import Command
+from llmgine_celery.messages.events import Event
+from llmgine_celery.observability import LogLevel, ObservabilityBus
+from llmgine_celery.settings import Settings, redact_url
+
+C = TypeVar("C", bound=Command)
+E = TypeVar("E", bound=Event)
+
+
+@dataclass
+class ApplicationConfig:
+    """What names and sizes one application; deployment settings live in ``Settings``."""
+
+    #: the application's name and default subscriber group (default: the class name)
+    name: str | None = None
+    #: deployment settings (default: ``Settings()`` read from the environment when first needed)
+    settings: Settings | None = None
+    #: threads of the embedded worker
+    embedded_concurrency: int = 4
+    #: seconds ``shutdown()`` waits for the embedded worker to finish queued work
+    shutdown_timeout: float = 30.0
+
+
+class ApplicationBootstrap:
+    """Base class of an application: register handlers, then bootstrap.
+
+    Constructing it connects to nothing. ``.celery`` builds the Celery app and
+    registers the handlers (so ``celery -A module:celery worker`` needs no
+    ``bootstrap()``); ``await bootstrap()`` checks the broker, declares queues
+    and, on the embedded default, starts a worker inside the process.
+    """
+
+    def __init__(self, config: ApplicationConfig | None = None) -> None:
+        self.config = config or ApplicationConfig()
+        self.name = topology.check_name("application name", self.config.name or type(self).__name__)
+        self.obs_bus = ObservabilityBus(service=self.name)
+        self._registry = HandlerRegistry(default_group=self.name)
+        self._settings = self.config.settings
+        self._celery: LLMgineCelery | None = None
+        self._message_bus: MessageBus | None = None
+        self._worker: EmbeddedWorker | None = None
+        self._hooks_ran = False
+
+    # -- hooks a subclass overrides ----------------------------------------
+
+    def _register_command_handlers(self) -> None:
+        """Register command handlers here (called once, before the Celery app is built)."""
+
+    def _register_event_handlers(self) -> None:
+        """Register event handlers here (called once, before the Celery app is built)."""
+
+    # -- registration ------------------------------------------------------
+
+    def register_command_handler(
+        self, command_type: type[C], handler: Callable[[C], Any], *, queue: str | None = None
+    ) -> None:
+        """Make ``handler`` the one handler of ``command_type`` (sync or async)."""
+        route = self._registry.add_command(command_type, handler, queue)
+        if self._celery is not None:
+            self._install_command(route)
+
+    def register_event_handler(
+        self,
+        event_type: type[E],
+        handler: Callable[[E], Any],
+        *,
+        group: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Subscribe ``handler`` to ``event_type`` in ``group`` (default: this application)."""
+        route = self._registry.add_event(event_type, handler, group, name)
+        if self._celery is not None:
+            self._install_event(route)
+
+    # -- wiring ------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """Deployment settings, read from the environment on first use."""
+        if self._settings is None:
+            self._settings = Settings()
+        return self._settings
+
+    @property
+    def celery(self) -> LLMgineCelery:
+        """The application's Celery app, with a task per command type and handler."""
+        if self._celery is None:
+            self._run_hooks()
+            extra = {r.queue for r in self._registry.command_routes if r.queue}
+            celery = build_celery(self.name, self.settings, self._groups(), extra)
+            self._celery = celery
+            for route in self._registry.command_routes:
+                self._install_command(route)
+            for event_route in self._registry.event_routes:
+                self._install_event(event_route)
+            celery.steps["consumer"].add(
+                event_consumer_step(self._registry, self._transport(), self._groups())
+            )
+        return self._celery
+
+    @property
+    def message_bus(self) -> MessageBus:
+        """The MessageBus of this application."""
+        if self._message_bus is None:
+            self._message_bus = MessageBus(
+                self.celery,
+                self._registry,
+                self.settings,
+                local_only=self.settings.embedded and self.settings.runs_embedded_worker,
+            )
+        return self._message_bus
+
+    async def bootstrap(self) -> None:
+        """Check the broker, declare queues, start the embedded worker if configured."""
+        self._run_hooks()
+        await asyncio.to_thread(self.declare)
+        if self.settings.runs_embedded_worker and self._worker is None:
+            worker = EmbeddedWorker(
+                self.celery, self._watched_queues(), self.config.embedded_concurrency
+            )
+            await asyncio.to_thread(worker.start)
+            self._worker = worker
+        self.obs_bus.log(LogLevel.DEBUG, "application bootstrapped", application=self.name)
+
+    async def shutdown(self) -> None:
+        """Finish queued work of the embedded worker, stop it, close connections."""
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            drained = await asyncio.to_thread(worker.wait_idle, self.config.shutdown_timeout)
+            if not drained:
+                self.obs_bus.log(LogLevel.WARNING, "shutdown timed out with work still queued")
+            await asyncio.to_thread(worker.stop)
+        if self._message_bus is not None:
+            await self._message_bus.aclose()
+        self.obs_bus.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _run_hooks(self) -> None:
+        if not self._hooks_ran:
+            self._hooks_ran = True
+            self._register_command_handlers()
+            self._register_event_handlers()
+
+    def _groups(self) -> list[str]:
+        groups = self._registry.groups
+        wanted = self.settings.event_groups
+        if wanted is None:
+            return groups
+        return [g.strip() for g in wanted.split(",") if g.strip()]
+
+    def _transport(self) -> str:
+        return transport_of(self.settings.broker())
+
+    def _watched_queues(self) -> list[str]:
+        celery_queues = [q.name for q in self.celery.conf.task_queues]
+        return celery_queues + [topology.group_queue_name(g) for g in self._groups()]
+
+    def _install_command(self, route: CommandRoute) -> None:
+        celery = self.celery
+        register_command_task(celery, self._registry, route)
+        if route.queue:
+            self._refresh_queues()
+
+    def _install_event(self, route: EventRoute) -> None:
+        register_handler_task(self.celery, self._registry, route)
+        self._refresh_queues()
+
+    def _refresh_queues(self) -> None:
+        extra = {r.queue for r in self._registry.command_routes if r.queue}
+        self.celery.conf.task_queues = task_queues(self._groups(), extra)
+
+    def declare(self) -> list[str]:
+        """Check the broker and backend; declare every queue, exchange and binding.
+
+        Idempotent. Deployments run it (``llmgine-celery declare``) so commands
+        and events sent before any worker starts are kept. Returns queue names.
+        """
+        self._run_hooks()
+        url = redact_url(self.settings.broker())
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=self.settings.connect_timeout)
+                channel = conn.default_channel
+                for queue in self.celery.conf.task_queues:
+                    queue(channel).declare()
+            declare_groups(self.celery, self._transport(), self._groups())
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnavailableError(f"cannot connect to broker {url}: {exc}") from exc
+        except (KeyError, ValueError) as exc:
+            raise ConfigurationError(f"broker URL {url} is not usable: {exc}") from exc
+        self._check_backend()
+        return self._watched_queues()
+
+    def _check_backend(self) -> None:
+        url = self.settings.backend()
+        if not url.startswith(("redis://", "rediss://")):
+            return
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=self.settings.connect_timeout)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach result backend {redact_url(url)}: {exc}"
+            ) from exc
+        finally:
+            client.close()

@@ -1,0 +1,50 @@
+"""One thin Celery task per command type: decode, call the handler, map errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from llmgine_celery.bus import results
+from llmgine_celery.bus.registry import CommandRoute, HandlerRegistry
+from llmgine_celery.bus.runtime import call_handler
+from llmgine_celery.errors import MessageError
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+logger = logging.getLogger(__name__)
+
+
+def run_command(registry: HandlerRegistry, task_id: str, envelope: Any) -> dict[str, Any]:
+    """Run the handler of the command in ``envelope``; always return a result."""
+    try:
+        command = registry.types.decode(envelope)
+    except MessageError as exc:
+        logger.warning("command %s rejected: %s", task_id, exc)
+        return results.to_wire(results.failure(task_id, str(exc), reason="invalid_message"))
+    route = registry.command_route(type(command))
+    if route is None:
+        return results.to_wire(results.no_handler(command.id, type(command).__name__))
+    try:
+        outcome = call_handler(route.handler, command)
+    except Exception as exc:  # a handler failure is a result, not a task failure
+        logger.info("handler of %s %s raised %r", type(command).__name__, command.id, exc)
+        return results.to_wire(results.from_exception(command.id, exc))
+    return results.to_wire(results.from_outcome(command, outcome))
+
+
+def register_command_task(celery: Celery, registry: HandlerRegistry, route: CommandRoute) -> Task:
+    """Create (once) the Celery task serving ``route``'s command type."""
+    if route.task_name in celery.tasks:
+        return celery.tasks[route.task_name]
+
+    def command_task(self: Task, envelope: Any) -> dict[str, Any]:
+        return run_command(registry, self.request.id or "", envelope)
+
+    command_task.__doc__ = f"Run the handler of {route.command_type.__name__} commands."
+    options: dict[str, Any] = {"name": route.task_name, "bind": True, "shared": False}
+    if route.queue:
+        options["queue"] = route.queue
+    task: Task = celery.task(**options)(command_task)
+    return task

@@ -1,0 +1,211 @@
+"""The MessageBus: execute commands and publish events through Celery."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from kombu.exceptions import OperationalError
+
+from llmgine_celery.bus import results, topology
+from llmgine_celery.bus.celery_app import transport_of
+from llmgine_celery.bus.events import publish_event
+from llmgine_celery.bus.publisher import BatchPublisher
+from llmgine_celery.bus.registry import HandlerRegistry
+from llmgine_celery.bus.waiters import PollingResultWaiter, RedisResultWaiter, ResultWaiter
+from llmgine_celery.errors import BrokerUnavailableError
+from llmgine_celery.messages.commands import Command, CommandResult
+from llmgine_celery.messages.envelope import Envelope, encode, type_name
+from llmgine_celery.messages.events import Event
+from llmgine_celery.settings import Settings, redact_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+@dataclass(frozen=True)
+class CommandHandle:
+    """A command that was sent; its result can be fetched later, here or elsewhere."""
+
+    command_id: str
+    command_type: str
+    bus: MessageBus
+
+    def get(self, timeout: float | None = None) -> CommandResult:
+        """Wait (blocking) for the result."""
+        return self.bus.fetch_result_sync(self.command_id, timeout=timeout)
+
+    async def wait(self, timeout: float | None = None) -> CommandResult:
+        """Wait (without blocking the loop) for the result."""
+        return await self.bus.fetch_result(self.command_id, timeout=timeout)
+
+
+class MessageBus:
+    """Commands (one handler, a result) and events (any handlers) over Celery."""
+
+    def __init__(
+        self,
+        celery: Celery,
+        registry: HandlerRegistry,
+        settings: Settings,
+        *,
+        local_only: bool = False,
+    ) -> None:
+        self.celery = celery
+        self._registry = registry
+        self._settings = settings
+        #: True when the only worker is in this process (embedded default)
+        self._local_only = local_only
+        self._transport = transport_of(settings.broker())
+        self._publisher = BatchPublisher(celery.producer_or_acquire)
+        self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- commands ---------------------------------------------------------
+
+    async def execute(self, command: Command, timeout: float | None = None) -> CommandResult:
+        """Run ``command`` on a worker and return its result; never raises for handler failures."""
+        envelope = encode(command)  # a bad payload fails here, before anything is sent
+        wait_for = timeout or self._settings.command_timeout
+        missing = self._missing_handler(command)
+        if missing is not None:
+            return missing
+        waiter = self._waiter()
+        waiter.expect(command.id)
+        try:
+            await self._publisher.submit(functools.partial(self._send, command, envelope))
+        except BaseException:
+            waiter.discard(command.id)
+            raise
+        meta = await waiter.wait(command.id, wait_for)
+        if meta is None:
+            return results.timed_out(command.id, envelope["type"], wait_for)
+        return results.from_meta(command.id, meta)
+
+    def execute_sync(self, command: Command, timeout: float | None = None) -> CommandResult:
+        """``execute`` for code without an event loop (web views, scripts)."""
+        handle = self.send(command)
+        if isinstance(handle, CommandResult):
+            return handle
+        return self.fetch_result_sync(handle.command_id, timeout, handle.command_type)
+
+    def send(self, command: Command) -> CommandHandle | CommandResult:
+        """Only enqueue ``command``; the handle fetches its result later.
+
+        Returns a failed result at once instead when no worker can have a
+        handler (the embedded default, with no handler registered here).
+        """
+        envelope = encode(command)
+        missing = self._missing_handler(command)
+        if missing is not None:
+            return missing
+        self._send(command, envelope)
+        return CommandHandle(command.id, envelope["type"], self)
+
+    async def fetch_result(
+        self, command_id: str, timeout: float | None = None, command_type: str = "command"
+    ) -> CommandResult:
+        """The result of a command sent earlier, from any process, by id."""
+        wait_for = timeout or self._settings.command_timeout
+        waiter = self._waiter()
+        waiter.expect(command_id)
+        meta = await waiter.wait(command_id, wait_for)
+        if meta is None:
+            return results.timed_out(command_id, command_type, wait_for)
+        return results.from_meta(command_id, meta)
+
+    def fetch_result_sync(
+        self, command_id: str, timeout: float | None = None, command_type: str = "command"
+    ) -> CommandResult:
+        """``fetch_result`` without an event loop."""
+        wait_for = timeout or self._settings.command_timeout
+        async_result = self.celery.AsyncResult(command_id)
+        try:
+            async_result.get(timeout=wait_for, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeoutError:
+            return results.timed_out(command_id, command_type, wait_for)
+        meta = {
+            "status": async_result.state,
+            "result": async_result.result,
+            "traceback": async_result.traceback,
+        }
+        return results.from_meta(command_id, meta)
+
+    # -- events -----------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        """Publish ``event`` to every subscriber group; returns once the broker has it."""
+        envelope = encode(event)
+        await self._publisher.submit(functools.partial(self._publish, envelope))
+
+    def publish_sync(self, event: Event) -> None:
+        """``publish`` for code without an event loop."""
+        self._publish(encode(event))
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close this loop's result waiter and the publisher thread."""
+        waiter = self._waiters.pop(asyncio.get_running_loop(), None)
+        if waiter is not None:
+            await waiter.aclose()
+        await asyncio.to_thread(self._publisher.close)
+
+    # -- internals --------------------------------------------------------
+
+    def _missing_handler(self, command: Command) -> CommandResult | None:
+        if self._local_only and self._registry.command_route(type(command)) is None:
+            return results.no_handler(command.id, type_name(type(command)))
+        return None
+
+    def _send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
+        route = self._registry.command_route(type(command))
+        name = topology.command_task_name(envelope["type"])
+        options: dict[str, Any] = {}
+        if route is not None and route.queue:
+            options["queue"] = route.queue
+        try:
+            self.celery.send_task(
+                name,
+                args=[envelope],
+                task_id=command.id,
+                headers={
+                    topology.HEADER_COMMAND_ID: command.id,
+                    topology.HEADER_SESSION_ID: command.session_id,
+                    topology.HEADER_MESSAGE_TYPE: envelope["type"],
+                },
+                argsrepr=f"<{envelope['type']} {command.id}>",
+                kwargsrepr="{}",
+                producer=producer,
+                **options,
+            )
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _publish(self, envelope: Envelope, producer: Any = None) -> None:
+        try:
+            publish_event(self.celery, self._transport, envelope, producer)
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> BrokerUnavailableError:
+        url = redact_url(self._settings.broker())
+        return BrokerUnavailableError(f"broker {url} is unavailable: {exc}")
+
+    def _waiter(self) -> ResultWaiter:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiters.get(loop)
+        if waiter is None:
+            backend = self.celery.backend
+            url = self._settings.backend()
+            if url.startswith(("redis://", "rediss://")):
+                waiter = RedisResultWaiter(url, backend)
+            else:
+                waiter = PollingResultWaiter(backend)
+            self._waiters[loop] = waiter
+        return waiter

@@ -1,0 +1,248 @@
+"""Waiting for command results without blocking the event loop.
+
+On a Redis result backend one pub/sub connection per event loop serves every
+pending call. ``expect`` registers a call and queues its SUBSCRIBE (sent in
+one batch per loop iteration); the command can be sent at once, because when
+Redis confirms the subscription the waiter reads the stored key (one MGET per
+batch), which catches a result published before the subscription took hold.
+Other backends are polled with growing sleeps (the embedded file store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from llmgine_celery.bus.results import READY_STATES
+
+logger = logging.getLogger(__name__)
+
+Meta = dict[str, Any]
+
+#: a standing subscription keeps the connection in pub/sub mode between calls
+_IDLE_CHANNEL = b"llmgine.results.idle"
+
+
+class ResultWaiter(Protocol):
+    """Waits for the stored state of tasks, by task id."""
+
+    def expect(self, task_id: str) -> None:
+        """Get ready to receive ``task_id``'s result; call before sending it."""
+
+    def discard(self, task_id: str) -> None:
+        """Stop expecting ``task_id`` (its send failed)."""
+
+    async def wait(self, task_id: str, timeout: float) -> Meta | None:
+        """The task's ready state, or None when ``timeout`` expires first."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+class CeleryBackend(Protocol):
+    """The parts of a Celery result backend the waiters use."""
+
+    def get_key_for_task(self, task_id: str) -> bytes: ...
+
+    def decode(self, payload: Any) -> Any: ...
+
+    def get_task_meta(self, task_id: str) -> Meta: ...
+
+
+class _Batch:
+    """Keys gathered during one loop iteration, flushed by one callback."""
+
+    def __init__(self, flush: Any) -> None:
+        self.keys: list[bytes] = []
+        self._flush = flush
+
+    def add(self, key: bytes) -> None:
+        self.keys.append(key)
+        if len(self.keys) == 1:
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        keys, self.keys = self.keys, []
+        self._flush(keys)
+
+
+class RedisResultWaiter:
+    """Every pending result of one event loop, over one pub/sub connection."""
+
+    def __init__(self, url: str, backend: CeleryBackend) -> None:
+        self._backend = backend
+        self._client: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._pubsub = self._client.pubsub()
+        self._pending: dict[bytes, asyncio.Future[Meta]] = {}
+        self._subscribe = _Batch(self._flush_subscribe)
+        self._unsubscribe = _Batch(self._flush_unsubscribe)
+        self._confirmed = _Batch(self._flush_confirmed)
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def expect(self, task_id: str) -> None:
+        key = self._backend.get_key_for_task(task_id)
+        if key not in self._pending:
+            self._pending[key] = asyncio.get_running_loop().create_future()
+            self._subscribe.add(key)
+
+    def discard(self, task_id: str) -> None:
+        self._forget(self._backend.get_key_for_task(task_id))
+
+    async def wait(self, task_id: str, timeout: float) -> Meta | None:
+        key = self._backend.get_key_for_task(task_id)
+        if key not in self._pending:
+            self.expect(task_id)
+        future = self._pending[key]
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, future)
+        try:
+            return await future
+        except TimeoutError:
+            return None
+        finally:
+            timer.cancel()
+            self._forget(key)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        tasks = [*self._background, *([self._reader] if self._reader else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()
+        await self._client.aclose()
+
+    # -- batches -------------------------------------------------------------
+
+    def _flush_subscribe(self, keys: list[bytes]) -> None:
+        keys = [k for k in keys if k in self._pending]
+        if keys and not self._closed:
+            self._spawn(self._send_subscribe(keys))
+
+    async def _send_subscribe(self, keys: list[bytes]) -> None:
+        try:
+            if self._reader is None:
+                await self._pubsub.subscribe(_IDLE_CHANNEL, *keys)
+                self._reader = asyncio.get_running_loop().create_task(self._read())
+            else:
+                await self._pubsub.subscribe(*keys)
+        except Exception as exc:
+            logger.exception("subscribing to %d result channels failed", len(keys))
+            for key in keys:
+                future = self._pending.get(key)
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+
+    def _flush_confirmed(self, keys: list[bytes]) -> None:
+        keys = [k for k in keys if k in self._pending]
+        if keys and not self._closed:
+            self._spawn(self._check_stored(keys))
+
+    async def _check_stored(self, keys: list[bytes]) -> None:
+        try:
+            values = await self._client.mget(keys)
+        except Exception:
+            logger.exception("reading %d stored results failed", len(keys))
+            return
+        for key, value in zip(keys, values, strict=True):
+            self._resolve(key, value)
+
+    def _flush_unsubscribe(self, keys: list[bytes]) -> None:
+        keys = [k for k in keys if k not in self._pending]
+        if keys and not self._closed:
+            self._spawn(self._send_unsubscribe(keys))
+
+    async def _send_unsubscribe(self, keys: list[bytes]) -> None:
+        try:
+            await self._pubsub.unsubscribe(*keys)
+        except Exception:
+            logger.exception("unsubscribing from %d result channels failed", len(keys))
+
+    # -- reading -------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("result subscription failed; resubscribing")
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(Exception):
+                    await self._pubsub.subscribe(_IDLE_CHANNEL, *self._pending)
+                continue
+            if message is not None:
+                self._on_message(message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        channel = message["channel"]
+        if message["type"] == "message":
+            self._resolve(channel, message["data"])
+        elif message["type"] == "subscribe" and channel in self._pending:
+            self._confirmed.add(channel)
+
+    def _resolve(self, key: bytes, payload: Any) -> None:
+        future = self._pending.get(key)
+        if future is None or future.done() or payload is None:
+            return
+        meta = self._backend.decode(payload)
+        if isinstance(meta, dict) and meta.get("status") in READY_STATES:
+            future.set_result(meta)
+
+    def _forget(self, key: bytes) -> None:
+        if self._pending.pop(key, None) is not None:
+            self._unsubscribe.add(key)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._background.discard)
+
+
+def _expire(future: asyncio.Future[Meta]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class PollingResultWaiter:
+    """Polls a backend with growing sleeps; for backends without push."""
+
+    def __init__(self, backend: CeleryBackend, max_interval: float = 0.1) -> None:
+        self._backend = backend
+        self._max_interval = max_interval
+
+    def expect(self, task_id: str) -> None:
+        return None
+
+    def discard(self, task_id: str) -> None:
+        return None
+
+    async def wait(self, task_id: str, timeout: float) -> Meta | None:
+        deadline = time.monotonic() + timeout
+        interval = 0.002
+        while True:
+            meta = self._backend.get_task_meta(task_id)
+            if meta.get("status") in READY_STATES:
+                return meta
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(interval, remaining))
+            interval = min(interval * 1.5, self._max_interval)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,95 @@
+"""Typed settings from ``LLMGINE_*`` environment variables, read when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llmgine_celery.errors import ConfigurationError
+
+KNOWN_BROKER_SCHEMES = frozenset(
+    {"amqp", "amqps", "pyamqp", "redis", "rediss", "memory", "filesystem"}
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***@"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=userinfo + host))
+
+
+class Settings(BaseSettings):
+    """Deployment settings; ``Settings()`` reads the environment at that moment."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMGINE_", extra="ignore")
+
+    #: broker URL; unset means the embedded default (filesystem broker in ``data_dir``)
+    broker_url: SecretStr | None = None
+    #: result backend URL; unset means the broker's Redis, or files in ``data_dir``
+    result_backend: SecretStr | None = None
+    #: folder of the embedded broker and result store
+    data_dir: Path = Path(".llmgine")
+    #: run a worker inside the process (default: only on the embedded broker)
+    embedded_worker: bool | None = None
+    #: seconds ``execute`` waits for a result unless told otherwise
+    command_timeout: float = Field(default=60.0, gt=0)
+    #: dotted module with Celery settings applied over the framework's defaults
+    celery_config: str | None = None
+    #: event groups a worker consumes; unset means every group of its application
+    event_groups: str | None = None
+    #: seconds to wait for the broker before giving up with a clear error
+    connect_timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("broker_url", "result_backend", mode="after")
+    @classmethod
+    def _has_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and "://" not in value.get_secret_value():
+            raise ValueError(f"{redact_url(value.get_secret_value())!r} is not a URL")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured, so nothing needs a server."""
+        return self.broker_url is None
+
+    @property
+    def runs_embedded_worker(self) -> bool:
+        """True when ``bootstrap()`` should start a worker inside the process."""
+        return self.embedded if self.embedded_worker is None else self.embedded_worker
+
+    def broker(self) -> str:
+        """The broker URL to use (with its secret)."""
+        if self.broker_url is None:
+            return "filesystem://"
+        url = self.broker_url.get_secret_value()
+        scheme = url.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in KNOWN_BROKER_SCHEMES:
+            raise ConfigurationError(
+                f"LLMGINE_BROKER_URL {redact_url(url)!r} has an unsupported scheme {scheme!r}; "
+                f"use one of {sorted(KNOWN_BROKER_SCHEMES)}"
+            )
+        return url
+
+    def backend(self) -> str:
+        """The result backend URL to use (with its secret)."""
+        if self.result_backend is not None:
+            return self.result_backend.get_secret_value()
+        broker = self.broker()
+        if broker.startswith(("redis://", "rediss://")):
+            return broker
+        if self.embedded or broker.startswith(("memory://", "filesystem://")):
+            return f"file://{(self.data_dir / 'results').resolve()}"
+        raise ConfigurationError(
+            f"LLMGINE_RESULT_BACKEND must be set with broker {redact_url(broker)!r}: "
+            "command results travel through it (e.g. redis://127.0.0.1:6379/0)"
+        )

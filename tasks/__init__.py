@@ -1,0 +1,1 @@
+"""The example LLM application built on llmgine-celery."""
