@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.app import backends
 from celery.backends.redis import RedisBackend
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from llmgine_celery.bus import topology
 from llmgine_celery.errors import ConfigurationError

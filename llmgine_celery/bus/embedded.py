@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
 
-class _ReadyWorkController(WorkController):  # type: ignore[misc]
+class _ReadyWorkController(WorkController):
     """A WorkController that tells when its consumer is up."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

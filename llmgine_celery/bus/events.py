@@ -13,7 +13,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
-from kombu import Consumer, Exchange, Queue
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer
 from kombu.message import Message
 
 from llmgine_celery.bus import topology

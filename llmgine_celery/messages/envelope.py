@@ -8,7 +8,6 @@ is decoded in another process (one cached ``TypeAdapter`` per type).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -27,10 +26,15 @@ T = TypeVar("T")
 Envelope = dict[str, Any]
 
 
-@functools.cache
+_adapters: dict[type, TypeAdapter[Any]] = {}
+
+
 def adapter_for(cls: type[T]) -> TypeAdapter[T]:
     """The pydantic adapter of a message type (built once per type)."""
-    return TypeAdapter(cls)
+    adapter = _adapters.get(cls)
+    if adapter is None:
+        adapter = _adapters[cls] = TypeAdapter(cls)
+    return adapter
 
 
 def type_name(cls: type) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks of llmgine-celery (run from the repository root)."""

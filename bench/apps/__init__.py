@@ -1,0 +1,1 @@
+"""Applications the benchmark's worker subprocesses import."""

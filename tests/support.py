@@ -1,0 +1,131 @@
+"""Real services and real worker processes for the integration tiers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from celery import Celery
+
+REPO = Path(__file__).resolve().parents[1]
+
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_BROKER_URL = os.environ.get("TEST_REDIS_BROKER_URL", "redis://127.0.0.1:6379/1")
+
+#: broker name -> (broker URL, result backend URL)
+DEPLOYMENTS = {
+    "rabbitmq": (RABBITMQ_URL, REDIS_URL),
+    "redis": (REDIS_BROKER_URL, REDIS_BROKER_URL),
+}
+
+
+def require_service(url: str) -> None:
+    """Skip when ``url``'s server is not answering; fail instead in CI."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), 2).close()
+    except OSError as exc:
+        message = f"{parts.scheme} server at {parts.hostname}:{parts.port} is not answering: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without LLMGINE_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGINE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def children_of(pid: int) -> set[int]:
+    """Pids of the direct children of ``pid``."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@dataclass
+class WorkerProcess:
+    """A ``celery worker`` subprocess started by a test."""
+
+    proc: subprocess.Popen[bytes]
+    node: str
+    log: Path
+    pool: str
+    control: Celery = field(repr=False)
+
+    @property
+    def pids(self) -> set[int]:
+        """The worker's main process and its pool processes."""
+        return {self.proc.pid} | children_of(self.proc.pid)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll with ping until the worker answers (or fail with its log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker {self.node} exited early:\n{self.log.read_text()[-4000:]}")
+            if self.control.control.ping(destination=[self.node], timeout=0.5):
+                return
+        pytest.fail(f"worker {self.node} not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM), killing it if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.control.close()
+
+
+def start_worker(
+    app_spec: str,
+    broker: str,
+    backend: str,
+    *,
+    pool: str = "threads",
+    concurrency: int = 4,
+    log_dir: Path,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    """Start ``celery -A app_spec worker`` against real servers and wait until it answers."""
+    node = f"test-{pool}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    log = log_dir / f"{node.split('@')[0]}.log"
+    command = [
+        sys.executable, "-m", "celery", "-A", app_spec, "worker",
+        "-P", pool, "-c", str(concurrency), "-n", node, "-l", "INFO",
+        "--without-mingle", "--without-gossip", *extra_args,
+    ]  # fmt: skip
+    worker_env = clean_env(LLMGINE_BROKER_URL=broker, LLMGINE_RESULT_BACKEND=backend, **(env or {}))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
+    control = Celery("test-control", broker=broker, backend=backend, set_as_current=False)
+    worker = WorkerProcess(proc, node, log, pool, control)
+    try:
+        worker.wait_ready()
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
