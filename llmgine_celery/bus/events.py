@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from kombu.entity import Exchange, Queue
-from kombu.messaging import Consumer
 from kombu.message import Message
+from kombu.messaging import Consumer
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.registry import EventRoute, HandlerRegistry
