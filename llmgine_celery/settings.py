@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,23 +15,29 @@ KNOWN_BROKER_SCHEMES = frozenset(
 )
 
 
+#: userinfo with a password: everything between "user:" and the last "@"
+_PASSWORD = re.compile(
+    r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)(?P<secret>.*)@(?P<rest>[^@]*)$"
+)
+_PASSWORD_NO_SCHEME = re.compile(r"^(?P<head>[^:/@]*:)(?P<secret>.*)@(?P<rest>[^@]*)$")
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
+    """``url`` with any password replaced by ``***`` (even one with '/', '#' or '?')."""
+    pattern = _PASSWORD if "://" in url else _PASSWORD_NO_SCHEME
+    match = pattern.match(url)
+    if match is None:
         return url
-    userinfo = f"{parts.username or ''}:***@"
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=userinfo + host))
+    return f"{match['head']}***@{match['rest']}"
 
 
 class Settings(BaseSettings):
     """Deployment settings; ``Settings()`` reads the environment at that moment."""
 
-    model_config = SettingsConfigDict(env_prefix="LLMGINE_", extra="ignore")
+    # hide_input_in_errors: a rejected URL may carry a password
+    model_config = SettingsConfigDict(
+        env_prefix="LLMGINE_", extra="ignore", hide_input_in_errors=True
+    )
 
     #: broker URL; unset means the embedded default (filesystem broker in ``data_dir``)
     broker_url: SecretStr | None = None

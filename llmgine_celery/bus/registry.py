@@ -69,7 +69,8 @@ class HandlerRegistry:
         if known is not None:
             raise DuplicateHandlerError(
                 f"command type {type_name(command_type)} already has a handler "
-                f"({handler_name(known.handler)}); a command has exactly one"
+                f"({getattr(known.handler, '__qualname__', repr(known.handler))}); "
+                "a command has exactly one"
             )
         self.types.register(command_type)
         route = CommandRoute(command_type, handler, queue)

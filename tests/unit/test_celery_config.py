@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ from llmgine_celery import ConfigurationError, Settings
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.celery_app import REQUIRED, build_celery, transport_of
 
+ConfigModule = Callable[[str], str]
+
 
 @pytest.fixture
-def config_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def config_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ConfigModule:
     """Write a Celery config module into tmp_path; returns a function giving its name."""
     folder = tmp_path / "config_modules"
     folder.mkdir()
@@ -69,7 +72,9 @@ def test_task_queues_cover_commands_groups_and_routed_queues(tmp_path: Path) -> 
     ]
 
 
-def test_config_module_with_pickle_serializer_is_refused(tmp_path: Path, config_module) -> None:  # type: ignore[no-untyped-def]
+def test_config_module_with_pickle_serializer_is_refused(
+    tmp_path: Path, config_module: ConfigModule
+) -> None:
     name = config_module('task_serializer = "pickle"\n')
     with pytest.raises(ConfigurationError, match="JSON") as info:
         build_celery("app", embedded(tmp_path, celery_config=name), [], set())
@@ -87,14 +92,14 @@ def test_config_module_with_pickle_serializer_is_refused(tmp_path: Path, config_
 )
 def test_config_module_may_not_weaken_json_only(
     tmp_path: Path,
-    config_module,
-    source: str,  # type: ignore[no-untyped-def]
+    config_module: ConfigModule,
+    source: str,
 ) -> None:
     with pytest.raises(ConfigurationError, match="JSON"):
         build_celery("app", embedded(tmp_path, celery_config=config_module(source)), [], set())
 
 
-def test_config_module_setting_is_applied(tmp_path: Path, config_module) -> None:  # type: ignore[no-untyped-def]
+def test_config_module_setting_is_applied(tmp_path: Path, config_module: ConfigModule) -> None:
     name = config_module("worker_prefetch_multiplier = 4\nCONSTANT = 1\n_private = 2\n")
     celery = build_celery("app", embedded(tmp_path, celery_config=name), [], set())
     assert celery.conf.worker_prefetch_multiplier == 4
@@ -102,7 +107,9 @@ def test_config_module_setting_is_applied(tmp_path: Path, config_module) -> None
     assert celery.conf.task_acks_late is True
 
 
-def test_config_module_may_repeat_the_required_values(tmp_path: Path, config_module) -> None:  # type: ignore[no-untyped-def]
+def test_config_module_may_repeat_the_required_values(
+    tmp_path: Path, config_module: ConfigModule
+) -> None:
     name = config_module('task_serializer = "json"\naccept_content = ["json"]\n')
     celery = build_celery("app", embedded(tmp_path, celery_config=name), [], set())
     assert celery.conf.task_serializer == "json"
@@ -118,7 +125,7 @@ def test_missing_config_module_is_a_configuration_error(tmp_path: Path) -> None:
 def test_config_module_from_environment(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    config_module,  # type: ignore[no-untyped-def]
+    config_module: ConfigModule,
 ) -> None:
     monkeypatch.setenv("LLMGINE_CELERY_CONFIG", config_module("worker_prefetch_multiplier = 3\n"))
     celery = build_celery("app", Settings(data_dir=tmp_path), [], set())

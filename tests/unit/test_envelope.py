@@ -22,7 +22,7 @@ from llmgine_celery import (
 from llmgine_celery.messages.envelope import TypeRegistry, encode
 
 
-class Color(str, Enum):
+class Color(str, Enum):  # noqa: UP042 - the (str, Enum) form users write
     RED = "red"
     BLUE = "blue"
 

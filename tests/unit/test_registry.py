@@ -117,7 +117,9 @@ def test_command_handler_must_be_callable() -> None:
 
 def test_command_types_with_the_same_name_are_rejected() -> None:
     first = AskCommand
-    second = dataclass(type("AskCommand", (Command,), {"__annotations__": {"q": str}}))
+    second: type[Command] = dataclass(
+        type("AskCommand", (Command,), {"__annotations__": {"q": str}})
+    )
     registry = HandlerRegistry("app")
     registry.add_command(first, handle_ask, None)
     with pytest.raises(RegistrationError, match="AskCommand"):

@@ -158,3 +158,17 @@ def test_import_does_not_read_settings(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "settings-invalid ValidationError"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:pa#ss@host:6379/0", "redis://:***@host:6379/0"),
+        ("amqp://user:p/a?ss@host:5672//", "amqp://user:***@host:5672//"),
+        ("user:s3cr3t@rabbit:5672", "user:***@rabbit:5672"),
+        ("amqp://guest@host//", "amqp://guest@host//"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_redact_url_hides_passwords_with_url_delimiters(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
