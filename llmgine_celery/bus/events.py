@@ -20,7 +20,7 @@ from kombu.messaging import Consumer
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.registry import EventRoute, HandlerRegistry
 from llmgine_celery.bus.runtime import call_handler
-from llmgine_celery.errors import MessageError
+from llmgine_celery.errors import MessageError, UnknownMessageTypeError
 from llmgine_celery.messages.envelope import Envelope
 
 if TYPE_CHECKING:
@@ -139,6 +139,11 @@ def _dispatcher(celery: Celery, registry: HandlerRegistry, group: str) -> Any:
     def on_message(body: Any, message: Message) -> None:
         try:
             event = registry.types.decode(body)
+        except UnknownMessageTypeError:
+            # Every group sees every event; a type this app never registered has
+            # no handler in this group, so there is nothing to do.
+            message.ack()
+            return
         except MessageError as exc:
             logger.error("event rejected from %s: %s", topology.group_queue_name(group), exc)
             message.reject()
