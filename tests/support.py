@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,15 +19,39 @@ from celery import Celery
 
 REPO = Path(__file__).resolve().parents[1]
 
-RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_BROKER_URL = os.environ.get("TEST_REDIS_BROKER_URL", "redis://127.0.0.1:6379/1")
+#: tests use their own RabbitMQ vhost and Redis databases, so they neither see
+#: nor purge the queues of anything else running on the same servers
+TEST_VHOST = "llmgine-test"
+RABBITMQ_URL = os.environ.get(
+    "TEST_RABBITMQ_URL", f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}"
+)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_BROKER_URL = os.environ.get("TEST_REDIS_BROKER_URL", "redis://127.0.0.1:6379/15")
 
 #: broker name -> (broker URL, result backend URL)
 DEPLOYMENTS = {
     "rabbitmq": (RABBITMQ_URL, REDIS_URL),
     "redis": (REDIS_BROKER_URL, REDIS_BROKER_URL),
 }
+
+
+def ensure_test_vhost() -> None:
+    """Create the tests' RabbitMQ vhost with rabbitmqctl, when it is missing."""
+    if "TEST_RABBITMQ_URL" in os.environ:
+        return
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.fail(f"rabbitmqctl not found: create vhost {TEST_VHOST!r} or set TEST_RABBITMQ_URL")
+    listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
+    if TEST_VHOST in listed.stdout.split():
+        return
+    for args in (
+        ["add_vhost", TEST_VHOST],
+        ["set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*"],
+    ):
+        done = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr}")
 
 
 def require_service(url: str) -> None:

@@ -13,7 +13,13 @@ import pytest
 from llmgine_celery import ApplicationConfig, Settings
 from llmgine_celery.bus import topology
 from tests.integration.apps import APP_NAME, SPECIAL_QUEUE, IntegrationApp
-from tests.support import DEPLOYMENTS, WorkerProcess, require_service, start_worker
+from tests.support import (
+    DEPLOYMENTS,
+    WorkerProcess,
+    ensure_test_vhost,
+    require_service,
+    start_worker,
+)
 
 T = TypeVar("T")
 
@@ -75,6 +81,8 @@ def deployment(
     broker, backend = DEPLOYMENTS[broker_name]
     require_service(broker)
     require_service(backend)
+    if broker_name == "rabbitmq":
+        ensure_test_vhost()
     tmp = tmp_path_factory.mktemp(f"{broker_name}-{pool}")
     app = producer_app(broker, backend, tmp)
     purge(app)

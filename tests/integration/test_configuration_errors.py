@@ -10,6 +10,7 @@ import pytest
 
 from llmgine_celery import ApplicationConfig, BrokerUnavailableError, ConfigurationError, Settings
 from tests.integration.apps import IntegrationApp
+from tests.support import RABBITMQ_URL, ensure_test_vhost, require_service
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,9 @@ def test_an_unreachable_redis_broker_fails_the_same_way(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_result_backend_is_named(tmp_path: Path) -> None:
-    app = app_for(tmp_path, "amqp://guest:guest@127.0.0.1:5672//", "redis://:pw-x@127.0.0.1:1/0")
+    require_service(RABBITMQ_URL)
+    ensure_test_vhost()
+    app = app_for(tmp_path, RABBITMQ_URL, "redis://:pw-x@127.0.0.1:1/0")
     with pytest.raises(BrokerUnavailableError, match="result backend") as caught:
         asyncio.run(app.bootstrap())
     assert "pw-x" not in str(caught.value)
@@ -55,7 +58,7 @@ def test_a_malformed_broker_url_is_a_configuration_error(tmp_path: Path) -> None
 
 
 def test_amqp_without_a_result_backend_asks_for_one(tmp_path: Path) -> None:
-    settings = Settings(broker_url="amqp://guest:guest@127.0.0.1:5672//", data_dir=tmp_path)
+    settings = Settings(broker_url=RABBITMQ_URL, data_dir=tmp_path)
     app = IntegrationApp(ApplicationConfig(name="itest", settings=settings))
     with pytest.raises(ConfigurationError, match="LLMGINE_RESULT_BACKEND"):
         _ = app.celery
