@@ -43,8 +43,7 @@ def register_command_task(celery: Celery, registry: HandlerRegistry, route: Comm
         return run_command(registry, self.request.id or "", envelope)
 
     command_task.__doc__ = f"Run the handler of {route.command_type.__name__} commands."
-    options: dict[str, Any] = {"name": route.task_name, "bind": True, "shared": False}
-    if route.queue:
-        options["queue"] = route.queue
-    task: Task = celery.task(**options)(command_task)
+    # No ``queue`` option (deprecated in Celery 6): MessageBus passes the
+    # route's queue with each send, and Celery's task_routes apply otherwise.
+    task: Task = celery.task(name=route.task_name, bind=True, shared=False)(command_task)
     return task

@@ -100,12 +100,10 @@ def register_handler_task(celery: Celery, registry: HandlerRegistry, route: Even
         return run_handlers(registry, group, name, envelope)
 
     event_handler_task.__doc__ = f"Run handler {name} of group {group}."
-    task: Task = celery.task(
-        name=route.task_name,
-        shared=False,
-        ignore_result=True,
-        queue=topology.handler_queue_name(group),
-    )(event_handler_task)
+    # Dispatch names the group's handler queue explicitly (see command_tasks).
+    task: Task = celery.task(name=route.task_name, shared=False, ignore_result=True)(
+        event_handler_task
+    )
     return task
 
 
