@@ -227,3 +227,13 @@ def test_the_worker_consumes_the_command_and_group_queues(deployment: Deployment
     active = inspect.active_queues() or {}
     names = {q["name"] for q in active.get(deployment.worker.node, [])}
     assert {topology.COMMAND_QUEUE, topology.handler_queue_name("itest")} <= names
+
+
+def test_the_worker_consumes_its_event_group_queue(deployment: Deployment) -> None:
+    if deployment.broker_name != "rabbitmq":
+        pytest.skip("only RabbitMQ reports consumer counts")
+    with deployment.app.celery.connection_for_write() as conn:
+        declared = conn.default_channel.queue_declare(
+            topology.group_queue_name("itest"), passive=True
+        )
+    assert declared.consumer_count >= 1
