@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from celery import Celery
 
 
+def _fail_wait(waiter: ResultWaiter, task_id: str, error: BaseException | None) -> None:
+    if error is not None:
+        waiter.fail(task_id, error)
+
+
 @dataclass(frozen=True)
 class CommandHandle:
     """A command that was sent; its result can be fetched later, here or elsewhere."""
@@ -77,11 +82,11 @@ class MessageBus:
             return missing
         waiter = self._waiter()
         waiter.expect(command.id)
-        try:
-            await self._publisher.submit(functools.partial(self._send, command, envelope))
-        except BaseException:
-            waiter.discard(command.id)
-            raise
+        # Not awaited: the result wakes this call; a failed send fails the wait.
+        self._publisher.post(
+            functools.partial(self._send, command, envelope),
+            on_error=functools.partial(_fail_wait, waiter, command.id),
+        )
         meta = await waiter.wait(command.id, wait_for)
         if meta is None:
             return results.timed_out(command.id, envelope["type"], wait_for)

@@ -9,6 +9,7 @@ producer, and resolves their futures with one wake-up per event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections import defaultdict
@@ -21,11 +22,17 @@ from typing import Any
 Send = Callable[[Any], None]
 
 
+#: told the outcome of a send on its event loop: None, or what it raised
+Callback = Callable[[BaseException | None], None]
+
+
 @dataclass
 class _Job:
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
     send: Send
+    callback: Callback
+    #: call back on success too (``submit``), or only on failure (``post``)
+    always: bool
 
 
 class BatchPublisher:
@@ -42,13 +49,24 @@ class BatchPublisher:
     async def submit(self, send: Send) -> None:
         """Run ``send(producer)`` on the publisher thread; return when it has run."""
         loop = asyncio.get_running_loop()
-        job = _Job(loop, loop.create_future(), send)
+        future: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Job(loop, send, functools.partial(_settle, future), always=True))
+        await future
+
+    def post(self, send: Send, on_error: Callback) -> None:
+        """Queue ``send(producer)``; only a failure calls back (on the caller's loop).
+
+        Saves the caller a wake-up per send when something else (the result)
+        will wake it anyway.
+        """
+        self._enqueue(_Job(asyncio.get_running_loop(), send, on_error, always=False))
+
+    def _enqueue(self, job: _Job) -> None:
         with self._cond:
             self._ensure_thread()
             self._jobs.append(job)
             if len(self._jobs) == 1:
                 self._cond.notify()
-        await job.future
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued sends and stop the thread."""
@@ -78,20 +96,22 @@ class BatchPublisher:
             self._publish(batch)
 
     def _publish(self, batch: list[_Job]) -> None:
-        outcomes: dict[asyncio.AbstractEventLoop, list[tuple[_Job, BaseException | None]]]
+        outcomes: dict[asyncio.AbstractEventLoop, list[tuple[Callback, BaseException | None]]]
         outcomes = defaultdict(list)
+        done = 0
         try:
             with self._acquire() as producer:
                 for job in batch:
-                    outcomes[job.loop].append((job, _run_send(job.send, producer)))
-        except BaseException as exc:  # no producer: every job of the batch fails with it
-            done = {id(job) for jobs in outcomes.values() for job, _ in jobs}
-            for job in batch:
-                if id(job) not in done:
-                    outcomes[job.loop].append((job, exc))
+                    error = _run_send(job.send, producer)
+                    done += 1
+                    if error is not None or job.always:
+                        outcomes[job.loop].append((job.callback, error))
+        except BaseException as exc:  # no producer: the rest of the batch fails with it
+            for job in batch[done:]:
+                outcomes[job.loop].append((job.callback, exc))
         for loop, results in outcomes.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_resolve, results)
+                loop.call_soon_threadsafe(_call_back, results)
 
 
 def _run_send(send: Send, producer: Any) -> BaseException | None:
@@ -102,11 +122,15 @@ def _run_send(send: Send, producer: Any) -> BaseException | None:
     return None
 
 
-def _resolve(results: list[tuple[_Job, BaseException | None]]) -> None:
-    for job, error in results:
-        if job.future.done():
-            continue
-        if error is None:
-            job.future.set_result(None)
-        else:
-            job.future.set_exception(error)
+def _call_back(results: list[tuple[Callback, BaseException | None]]) -> None:
+    for callback, error in results:
+        callback(error)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -35,8 +35,8 @@ class ResultWaiter(Protocol):
     def expect(self, task_id: str) -> None:
         """Get ready to receive ``task_id``'s result; call before sending it."""
 
-    def discard(self, task_id: str) -> None:
-        """Stop expecting ``task_id`` (its send failed)."""
+    def fail(self, task_id: str, error: BaseException) -> None:
+        """Make the wait for ``task_id`` raise ``error`` (its send failed)."""
 
     async def wait(self, task_id: str, timeout: float) -> Meta | None:
         """The task's ready state, or None when ``timeout`` expires first."""
@@ -93,8 +93,10 @@ class RedisResultWaiter:
             self._pending[key] = asyncio.get_running_loop().create_future()
             self._subscribe.add(key)
 
-    def discard(self, task_id: str) -> None:
-        self._forget(self._backend.get_key_for_task(task_id))
+    def fail(self, task_id: str, error: BaseException) -> None:
+        future = self._pending.get(self._backend.get_key_for_task(task_id))
+        if future is not None and not future.done():
+            future.set_exception(error)
 
     async def wait(self, task_id: str, timeout: float) -> Meta | None:
         key = self._backend.get_key_for_task(task_id)
@@ -224,17 +226,21 @@ class PollingResultWaiter:
     def __init__(self, backend: CeleryBackend, max_interval: float = 0.1) -> None:
         self._backend = backend
         self._max_interval = max_interval
+        self._failed: dict[str, BaseException] = {}
 
     def expect(self, task_id: str) -> None:
         return None
 
-    def discard(self, task_id: str) -> None:
-        return None
+    def fail(self, task_id: str, error: BaseException) -> None:
+        self._failed[task_id] = error
 
     async def wait(self, task_id: str, timeout: float) -> Meta | None:
         deadline = time.monotonic() + timeout
         interval = 0.002
         while True:
+            error = self._failed.pop(task_id, None)
+            if error is not None:
+                raise error
             meta = self._backend.get_task_meta(task_id)
             if meta.get("status") in READY_STATES:
                 return meta

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmgine_celery import ApplicationConfig, BrokerUnavailableError, ConfigurationError, Settings
-from tests.integration.apps import IntegrationApp
+from tests.integration.apps import IntegrationApp, WhereAmI
 from tests.support import RABBITMQ_URL, ensure_test_vhost, require_service
 
 pytestmark = pytest.mark.integration
@@ -62,3 +62,19 @@ def test_amqp_without_a_result_backend_asks_for_one(tmp_path: Path) -> None:
     app = IntegrationApp(ApplicationConfig(name="itest", settings=settings))
     with pytest.raises(ConfigurationError, match="LLMGINE_RESULT_BACKEND"):
         _ = app.celery
+
+
+def test_a_send_that_fails_raises_instead_of_waiting_out_the_timeout(tmp_path: Path) -> None:
+    require_service("redis://127.0.0.1:6379/14")
+    app = app_for(tmp_path, "amqp://guest:pw-z@127.0.0.1:1//", "redis://127.0.0.1:6379/14")
+    started = time.monotonic()
+
+    async def execute() -> None:
+        try:
+            await app.message_bus.execute(WhereAmI(tag="lost"), timeout=120)
+        finally:
+            await app.message_bus.aclose()
+
+    with pytest.raises(BrokerUnavailableError, match=r"amqp://guest:\*\*\*@127\.0\.0\.1:1//"):
+        asyncio.run(execute())
+    assert time.monotonic() - started < 60
