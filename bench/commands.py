@@ -1,0 +1,317 @@
+"""llmgine-celery ``MessageBus.execute`` versus plain Celery ``apply_async().get()``.
+
+Both sides share the broker, the result backend and the worker settings; each
+gets its own worker subprocess (started, pinged until ready and stopped here)
+with a trivial echo handler. Per round, alternating which side runs first:
+
+* throughput: ``--n`` concurrent calls, llmgine-celery from one event loop
+  (``asyncio.gather``), plain Celery from a thread pool (each ``--threads`` size);
+* latency: ``--seq-n`` sequential calls on each side.
+
+Every result is checked against its (unique) payload; a missing or wrong one
+exits with status 1. Goals are reported, never enforced.
+
+Run from the repository root: ``.venv/bin/python bench/commands.py --rounds 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root not
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import Sample, header, latency_table, throughput_table
+from bench.workers import (
+    BenchError,
+    Worker,
+    host_busy_seconds,
+    load_average,
+    prepare_queues,
+    running_workers,
+)
+from llmgine_celery.errors import LLMgineError
+
+LLMGINE_APP = "bench.apps.llmgine_echo"
+PLAIN_APP = "bench.apps.plain_echo"
+#: seconds one call may take before it counts as a missing result
+CALL_TIMEOUT = 120.0
+#: sequential calls of the warm-up
+WARMUP_SEQUENTIAL = 20
+
+
+# -- the two sides -----------------------------------------------------------
+
+
+def check(ok: bool, side: str, payload: str, got: Any) -> None:
+    if not ok:
+        raise BenchError(f"{side}: wrong result for payload {payload[:24]!r}...: {got!r:.300}")
+
+
+class LlmgineSide:
+    """``await app.message_bus.execute(Echo(...))`` on one persistent event loop."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.app = module.app
+        self.command = module.Echo
+        self.loop = asyncio.new_event_loop()
+
+    def bootstrap(self) -> None:
+        self.loop.run_until_complete(self.app.bootstrap())
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.app.shutdown())
+        finally:
+            self.loop.close()
+
+    def burst(self, payloads: Sequence[str]) -> None:
+        self.loop.run_until_complete(self._burst(payloads))
+
+    def sequential(self, payloads: Sequence[str]) -> list[float]:
+        return self.loop.run_until_complete(self._sequential(payloads))
+
+    async def _call(self, payload: str) -> None:
+        bus = self.app.message_bus
+        result = await bus.execute(self.command(payload=payload), timeout=CALL_TIMEOUT)
+        check(result.success and result.result == payload, "llmgine", payload, result)
+
+    async def _burst(self, payloads: Sequence[str]) -> None:
+        await asyncio.gather(*(self._call(p) for p in payloads))
+
+    async def _sequential(self, payloads: Sequence[str]) -> list[float]:
+        latencies = []
+        for payload in payloads:
+            start = time.perf_counter()
+            await self._call(payload)
+            latencies.append(time.perf_counter() - start)
+        return latencies
+
+
+class PlainSide:
+    """``echo.apply_async(args=[payload]).get()``, sequentially or from thread pools."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.task = module.echo
+        self.pools: dict[int, ThreadPoolExecutor] = {}
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown(cancel_futures=True)
+
+    def call(self, payload: str) -> None:
+        value = self.task.apply_async(args=[payload]).get(timeout=CALL_TIMEOUT)
+        check(value == payload, "plain", payload, value)
+
+    def burst(self, threads: int, payloads: Sequence[str]) -> None:
+        pool = self.pools.get(threads)
+        if pool is None:
+            pool = self.pools[threads] = ThreadPoolExecutor(threads, f"plain-{threads}")
+        for _ in pool.map(self.call, payloads):
+            pass
+
+    def sequential(self, payloads: Sequence[str]) -> list[float]:
+        latencies = []
+        for payload in payloads:
+            start = time.perf_counter()
+            self.call(payload)
+            latencies.append(time.perf_counter() - start)
+        return latencies
+
+
+# -- measuring ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contestant:
+    """One line of a table: how to run a phase, and the worker that serves it."""
+
+    label: str
+    worker: Worker
+    throughput: Callable[[Sequence[str]], None] | None = None
+    latency: Callable[[Sequence[str]], list[float]] | None = None
+
+    @property
+    def tag(self) -> str:
+        """A short name put into this contestant's payloads."""
+        return self.label.split()[0]
+
+
+def measure(worker: Worker, payloads: Sequence[str], run: Callable[[], Any]) -> Sample:
+    """Run one phase and account its wall time and CPU time."""
+    host_before, worker_before = host_busy_seconds(), worker.cpu_seconds()
+    producer_before = time.process_time()
+    start = time.perf_counter()
+    latencies = run()
+    wall = time.perf_counter() - start
+    producer_cpu = time.process_time() - producer_before
+    worker_cpu = worker.cpu_seconds() - worker_before
+    rest_cpu = host_busy_seconds() - host_before - producer_cpu - worker_cpu
+    return Sample(len(payloads), wall, producer_cpu, worker_cpu, rest_cpu, tuple(latencies or ()))
+
+
+def make_payloads(tag: str, count: int, size: int) -> list[str]:
+    """``count`` distinct ASCII strings of exactly ``size`` bytes."""
+    return [f"{tag}-{i:07d}-".ljust(size, "x")[:size] for i in range(count)]
+
+
+def warm_up(contestants: Sequence[Contestant], args: argparse.Namespace) -> None:
+    """Open every connection and start every thread before anything is timed."""
+    burst = max(200, args.n // 5)
+    for c in contestants:
+        if c.throughput is not None:
+            c.throughput(make_payloads(f"warm-{c.tag}", burst, args.payload_bytes))
+        if c.latency is not None:
+            c.latency(make_payloads(f"warmseq-{c.tag}", WARMUP_SEQUENTIAL, args.payload_bytes))
+
+
+def run_rounds(
+    contestants: Sequence[Contestant], args: argparse.Namespace
+) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
+    """Every round: throughput then latency, the order of sides alternating."""
+    throughput: dict[str, list[Sample]] = {c.label: [] for c in contestants if c.throughput}
+    latency: dict[str, list[Sample]] = {c.label: [] for c in contestants if c.latency}
+    for round_no in range(args.rounds):
+        order = list(contestants) if round_no % 2 == 0 else list(reversed(contestants))
+        for c in order:
+            if c.throughput is not None:
+                throughput[c.label].append(_phase(c, c.throughput, f"r{round_no}", args.n, args))
+        for c in order:
+            if c.latency is not None:
+                latency[c.label].append(_phase(c, c.latency, f"s{round_no}", args.seq_n, args))
+        log(f"round {round_no + 1}/{args.rounds} done")
+    return throughput, latency
+
+
+def _phase(
+    c: Contestant,
+    run: Callable[[Sequence[str]], Any],
+    tag: str,
+    count: int,
+    args: argparse.Namespace,
+) -> Sample:
+    payloads = make_payloads(f"{tag}-{c.tag}", count, args.payload_bytes)
+    sample = measure(c.worker, payloads, lambda: run(payloads))
+    log(f"  {c.label:<28} {count / sample.wall:8.0f} calls/s  ({sample.wall:.2f}s)")
+    return sample
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- main --------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--concurrency", type=int, default=8, help="worker threads/processes")
+    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    parser.add_argument("--n", type=int, default=1000, help="concurrent calls per throughput run")
+    parser.add_argument("--seq-n", type=int, default=300, help="calls per latency run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--payload-bytes", type=int, default=1024)
+    parser.add_argument(
+        "--threads",
+        default="16,32,64",
+        help="comma-separated thread pool sizes tried for plain Celery (best one is compared)",
+    )
+    args = parser.parse_args(argv)
+    args.thread_counts = sorted({int(t) for t in args.threads.split(",") if t.strip()})
+    if args.payload_bytes < 32 or args.n < 1 or args.seq_n < 2 or args.rounds < 1:
+        parser.error("need --payload-bytes >= 32, --n >= 1, --seq-n >= 2, --rounds >= 1")
+    if not args.thread_counts or min(args.thread_counts) < 1:
+        parser.error("--threads needs positive sizes")
+    return args
+
+
+def configure_environment(args: argparse.Namespace) -> None:
+    """Only the settings given here reach both apps, here and in the workers."""
+    for key in [k for k in os.environ if k.startswith("LLMGINE_")]:
+        del os.environ[key]
+    os.environ["LLMGINE_BROKER_URL"] = args.broker
+    os.environ["LLMGINE_RESULT_BACKEND"] = args.backend
+    os.environ["LLMGINE_EMBEDDED_WORKER"] = "false"
+
+
+def contestants_of(
+    llmgine: LlmgineSide, plain: PlainSide, workers: dict[str, Worker], args: argparse.Namespace
+) -> list[Contestant]:
+    llmgine_worker, plain_worker = workers["llmgine"], workers["plain"]
+    result = [
+        Contestant("llmgine-celery (asyncio.gather)", llmgine_worker, throughput=llmgine.burst),
+        Contestant("llmgine-celery (sequential)", llmgine_worker, latency=llmgine.sequential),
+        Contestant("plain Celery (sequential)", plain_worker, latency=plain.sequential),
+    ]
+    for threads in args.thread_counts:
+        burst = functools.partial(plain.burst, threads)
+        result.append(Contestant(f"plain Celery ({threads} threads)", plain_worker, burst))
+    return result
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    load_before = load_average()
+    llmgine_module = importlib.import_module(LLMGINE_APP)
+    plain_module = importlib.import_module(PLAIN_APP)
+    logdir = Path(tempfile.mkdtemp(prefix="bench-commands-"))
+    log(f"worker logs in {logdir}")
+    with ExitStack() as stack:
+        llmgine = LlmgineSide(llmgine_module)
+        stack.callback(llmgine.close)
+        llmgine.bootstrap()
+        prepare_queues(llmgine_module.celery)
+        prepare_queues(plain_module.celery)
+        plain = PlainSide(plain_module)
+        stack.callback(plain.close)
+        specs = [
+            ("llmgine", f"{LLMGINE_APP}:celery", llmgine_module.celery),
+            ("plain", f"{PLAIN_APP}:celery", plain_module.celery),
+        ]
+        workers = stack.enter_context(running_workers(specs, args, logdir))
+        contestants = contestants_of(llmgine, plain, workers, args)
+        warm_up(contestants, args)
+        log("warm-up done")
+        throughput, latency = run_rounds(contestants, args)
+        for worker in workers.values():
+            worker.check_alive()
+    return [
+        *header(args, load_before),
+        "",
+        f"Throughput: {args.n} concurrent calls per run",
+        *throughput_table(throughput, contestants[0].label),
+        "",
+        f"Sequential round trip: {args.seq_n} calls per run",
+        *latency_table(latency, contestants[1].label, contestants[2].label),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_environment(args)
+    try:
+        report = run(args)
+    except (BenchError, LLMgineError) as exc:
+        log(f"benchmark failed: {exc}")
+        return 1
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

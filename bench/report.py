@@ -1,0 +1,104 @@
+"""Statistics over the measured samples and the tables printed from them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench.workers import load_average
+from llmgine_celery.settings import redact_url
+
+THROUGHPUT_GOAL = 1.5
+LATENCY_GOAL = 1.1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured phase: wall time, CPU of both processes, per-call latencies."""
+
+    calls: int
+    wall: float
+    producer_cpu: float
+    worker_cpu: float
+    #: CPU of everything else on the host: broker, Redis, unrelated processes
+    rest_cpu: float
+    latencies: tuple[float, ...] = ()
+
+
+def percentile(values: Sequence[float], pct: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+def median_percentile_ms(samples: Sequence[Sample], pct: int) -> float:
+    """The median over rounds of each round's ``pct`` percentile latency, in ms."""
+    return statistics.median(percentile(s.latencies, pct) * 1e3 for s in samples)
+
+
+def median_of(samples: Sequence[Sample], value: Callable[[Sample], float]) -> float:
+    return statistics.median(value(s) for s in samples)
+
+
+def rate(sample: Sample) -> float:
+    return sample.calls / sample.wall
+
+
+CPU_HEADER = f"{'prod CPU':>8} {'wrk CPU':>8} {'rest CPU':>8} {'us/call':>8}"
+
+
+def cpu_columns(samples: Sequence[Sample]) -> str:
+    producer = median_of(samples, lambda s: s.producer_cpu)
+    worker = median_of(samples, lambda s: s.worker_cpu)
+    rest = median_of(samples, lambda s: s.rest_cpu)
+    per_call = median_of(samples, lambda s: (s.producer_cpu + s.worker_cpu) / s.calls) * 1e6
+    return f"{producer:>8.2f} {worker:>8.2f} {rest:>8.2f} {per_call:>8.0f}"
+
+
+def throughput_table(results: dict[str, list[Sample]], llmgine: str) -> list[str]:
+    lines = [
+        f"{'side':<32} {'calls/s':>8}  {'per round':<22} {CPU_HEADER}",
+    ]
+    for label, samples in results.items():
+        rounds = " ".join(f"{rate(s):.0f}" for s in samples)
+        lines.append(
+            f"{label:<32} {median_of(samples, rate):>8.0f}  {rounds:<22} {cpu_columns(samples)}"
+        )
+    best = max((k for k in results if k != llmgine), key=lambda k: median_of(results[k], rate))
+    ratio = median_of(results[llmgine], rate) / median_of(results[best], rate)
+    lines.append(
+        f"ratio llmgine / best plain ({best}): {ratio:.2f}x  (goal >= {THROUGHPUT_GOAL}x: "
+        f"{'met' if ratio >= THROUGHPUT_GOAL else 'NOT met'})"
+    )
+    return lines
+
+
+def latency_table(results: dict[str, list[Sample]], llmgine: str, plain: str) -> list[str]:
+    lines = [f"{'side':<32} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8} {CPU_HEADER}"]
+    for label, samples in results.items():
+        p50, p90, p99 = (median_percentile_ms(samples, pct) for pct in (50, 90, 99))
+        mean = median_of(samples, lambda s: statistics.fmean(s.latencies) * 1e3)
+        lines.append(
+            f"{label:<32} {p50:>8.2f} {p90:>8.2f} {p99:>8.2f} {mean:>8.2f} {cpu_columns(samples)}"
+        )
+    ratio = median_percentile_ms(results[llmgine], 50) / median_percentile_ms(results[plain], 50)
+    lines.append(
+        f"ratio p50 llmgine / plain: {ratio:.2f}x  (goal <= {LATENCY_GOAL}x: "
+        f"{'met' if ratio <= LATENCY_GOAL else 'NOT met'})"
+    )
+    return lines
+
+
+def header(args: argparse.Namespace, load_before: str) -> list[str]:
+    return [
+        f"broker {redact_url(args.broker)}  backend {redact_url(args.backend)}",
+        f"worker -P {args.pool} -c {args.concurrency} (one per side)  "
+        f"payload {args.payload_bytes} B  host CPUs {os.cpu_count()}",
+        f"rounds {args.rounds} after a warm-up; medians of the rounds shown; side order alternates",
+        f"load average (1/5/15 min) before {load_before}, after {load_average()}",
+        "CPU seconds per run: prod = this process, wrk = the side's worker, rest = the rest "
+        "of the host",
+        "(RabbitMQ, Redis, anything else running); us/call = CPU microseconds of prod + wrk "
+        "per call",
+    ]

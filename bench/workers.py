@@ -1,0 +1,177 @@
+"""Worker subprocesses of the benchmark and the CPU accounting of processes and host."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: seconds a worker may take to answer a ping after it is started
+READY_TIMEOUT = 60.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A result was missing or wrong, or a worker did not start or died."""
+
+
+# -- CPU accounting ----------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[int, float]:
+    """(parent pid, CPU seconds of the process and its reaped children) from /proc."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return int(fields[1]), (utime + stime + cutime + cstime) / CLOCK_TICKS
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds every core of the host has been busy (user, system, irq) since boot."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq = stat.readline().split()[1:8]
+    return sum(int(t) for t in (user, nice, system, irq, softirq)) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and its descendants (prefork pool)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = _proc_stat(int(entry.name))
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in stats.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(stats[pid][1] for pid in tree if pid in stats)
+
+
+# -- workers -----------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """A ``celery worker`` subprocess of one side."""
+
+    label: str
+    node: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+    def cpu_seconds(self) -> float:
+        self.check_alive()
+        return tree_cpu_seconds(self.process.pid)
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"{self.label} worker exited with status {self.process.returncode}:\n"
+                f"{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        self.log.flush()
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(text) or f"(empty log {self.log_path})"
+
+    def stop(self) -> None:
+        """Warm shutdown; its whole session is killed if that takes too long."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+        finally:
+            self.log.close()
+
+
+def start_worker(label: str, app_spec: str, args: argparse.Namespace, logdir: Path) -> Worker:
+    """Start a worker of ``app_spec`` in its own session, logging to ``logdir``."""
+    node = f"bench-{label}-{os.getpid()}@{socket.gethostname()}"
+    command = [
+        *(sys.executable, "-m", "celery", "-A", app_spec, "worker"),
+        *("-P", args.pool, "-c", str(args.concurrency), "-l", "WARNING", "-n", node),
+        *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    log_path = logdir / f"{label}-worker.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return Worker(label, node, process, log_path, log)
+
+
+def wait_ready(worker: Worker, celery_app: Any) -> None:
+    """Ping ``worker`` until it answers; fail if it exits or the deadline passes."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        worker.check_alive()
+        replies = celery_app.control.ping(destination=[worker.node], timeout=0.5)
+        if any(worker.node in reply for reply in replies):
+            return
+    raise BenchError(f"{worker.label} worker did not answer pings:\n{worker.log_tail()}")
+
+
+@contextmanager
+def running_workers(
+    specs: Sequence[tuple[str, str, Any]], args: argparse.Namespace, logdir: Path
+) -> Iterator[dict[str, Worker]]:
+    """Start a worker per (label, app spec, Celery app), wait for all, stop them after."""
+    workers: dict[str, Worker] = {}
+    try:
+        for label, app_spec, _ in specs:
+            workers[label] = start_worker(label, app_spec, args, logdir)
+        for label, _, celery_app in specs:
+            wait_ready(workers[label], celery_app)
+        yield workers
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+
+def prepare_queues(celery_app: Any) -> None:
+    """Declare and purge the app's task queues; refuse queues someone else consumes."""
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in celery_app.conf.task_queues:
+            bound = queue(channel)
+            bound.declare()
+            _, _, consumers = bound.queue_declare(passive=True)
+            if consumers:
+                raise BenchError(
+                    f"queue {queue.name} already has {consumers} consumer(s) on this broker; "
+                    "stop them or point --broker at another vhost"
+                )
+            bound.purge()
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
