@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError
 
-from llmgine_celery.bus import results, topology
+from llmgine_celery.bus import results
 from llmgine_celery.bus.celery_app import transport_of
 from llmgine_celery.bus.events import publish_event
 from llmgine_celery.bus.publisher import BatchPublisher
 from llmgine_celery.bus.registry import HandlerRegistry
+from llmgine_celery.bus.sender import CommandSender
 from llmgine_celery.bus.waiters import PollingResultWaiter, RedisResultWaiter, ResultWaiter
 from llmgine_celery.errors import BrokerUnavailableError
 from llmgine_celery.messages.commands import Command, CommandResult
@@ -67,6 +68,7 @@ class MessageBus:
         self._local_only = local_only
         self._transport = transport_of(settings.broker())
         self._publisher = BatchPublisher(celery.producer_or_acquire)
+        self._sender = CommandSender(celery, registry)
         self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
             weakref.WeakKeyDictionary()
         )
@@ -169,27 +171,9 @@ class MessageBus:
         return None
 
     def _send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
-        route = self._registry.command_route(type(command))
-        name = topology.command_task_name(envelope["type"])
-        options: dict[str, Any] = {}
-        if route is not None and route.queue:
-            options["queue"] = route.queue
         try:
-            self.celery.send_task(
-                name,
-                args=[envelope],
-                task_id=command.id,
-                headers={
-                    topology.HEADER_COMMAND_ID: command.id,
-                    topology.HEADER_SESSION_ID: command.session_id,
-                    topology.HEADER_MESSAGE_TYPE: envelope["type"],
-                },
-                argsrepr=f"<{envelope['type']} {command.id}>",
-                kwargsrepr="{}",
-                producer=producer,
-                **options,
-            )
-        except OperationalError as exc:
+            self._sender.send(command, envelope, producer)
+        except (OperationalError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
     def _publish(self, envelope: Envelope, producer: Any = None) -> None:

@@ -56,20 +56,38 @@ class CeleryBackend(Protocol):
 
 
 class _Batch:
-    """Keys gathered during one loop iteration, flushed by one callback."""
+    """Keys gathered for one command, flushed by one callback.
 
-    def __init__(self, flush: Any) -> None:
+    With no delay the batch is flushed at the end of the current loop
+    iteration; with a delay, after that many seconds or once it holds
+    ``limit`` keys, whichever comes first.
+    """
+
+    def __init__(self, flush: Any, delay: float = 0.0, limit: int = 1024) -> None:
         self.keys: list[bytes] = []
         self._flush = flush
+        self._delay = delay
+        self._limit = limit
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
 
     def add(self, key: bytes) -> None:
         self.keys.append(key)
-        if len(self.keys) == 1:
-            asyncio.get_running_loop().call_soon(self._run)
+        loop = asyncio.get_running_loop()
+        if len(self.keys) >= self._limit:
+            self._run()
+        elif self._timer is None:
+            if self._delay:
+                self._timer = loop.call_later(self._delay, self._run)
+            else:
+                self._timer = loop.call_soon(self._run)
 
     def _run(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         keys, self.keys = self.keys, []
-        self._flush(keys)
+        if keys:
+            self._flush(keys)
 
 
 class RedisResultWaiter:
@@ -81,7 +99,9 @@ class RedisResultWaiter:
         self._pubsub = self._client.pubsub()
         self._pending: dict[bytes, asyncio.Future[Meta]] = {}
         self._subscribe = _Batch(self._flush_subscribe)
-        self._unsubscribe = _Batch(self._flush_unsubscribe)
+        # Nothing more is published on a channel once its result came, so
+        # unsubscribing can wait and go out in large batches.
+        self._unsubscribe = _Batch(self._flush_unsubscribe, delay=0.05)
         self._confirmed = _Batch(self._flush_confirmed)
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()

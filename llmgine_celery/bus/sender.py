@@ -1,0 +1,79 @@
+"""Publishing command task messages (Celery's task protocol 2).
+
+``Celery.send_task`` re-resolves the route, merges task options, declares the
+queue and builds an ``AsyncResult`` on every call; for a command type all of
+that is the same each time. This sender resolves a route once, declares its
+queue on the first send only, and otherwise uses Celery's own message builder
+and publisher (``app.amqp``), so publish signals and task-sent events still fire.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from llmgine_celery.bus import topology
+from llmgine_celery.bus.registry import HandlerRegistry
+from llmgine_celery.messages.commands import Command
+from llmgine_celery.messages.envelope import Envelope
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+class CommandSender:
+    """Sends commands as tasks named ``llmgine.command.<Type>`` with id = command id."""
+
+    def __init__(self, celery: Celery, registry: HandlerRegistry) -> None:
+        self._celery = celery
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._routes: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    def send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
+        """Publish ``command``; raises kombu's OperationalError or OSError on broker trouble."""
+        celery = self._celery
+        name = topology.command_task_name(envelope["type"])
+        route = self._registry.command_route(type(command))
+        key = (name, route.queue if route else None)
+        options, first = self._route(key)
+        root_id, parent_id = _lineage(celery)
+        message = celery.amqp.create_task_message(
+            command.id,
+            name,
+            [envelope],
+            {},
+            reply_to=celery.thread_oid,
+            create_sent_event=celery.conf.task_send_sent_event,
+            root_id=root_id,
+            parent_id=parent_id,
+            argsrepr=f"<{envelope['type']} {command.id}>",
+            kwargsrepr="{}",
+        )
+        headers = {
+            topology.HEADER_COMMAND_ID: command.id,
+            topology.HEADER_SESSION_ID: command.session_id,
+            topology.HEADER_MESSAGE_TYPE: envelope["type"],
+        }
+        with celery.producer_or_acquire(producer) as pooled:
+            celery.amqp.send_task_message(pooled, name, message, headers=headers, **options)
+        if first:
+            with self._lock:  # later sends skip declaring the queue
+                self._routes[key] = {**options, "declare": []}
+
+    def _route(self, key: tuple[str, str | None]) -> tuple[dict[str, Any], bool]:
+        known = self._routes.get(key)
+        if known is not None:
+            return known, False
+        name, queue = key
+        wanted = {"queue": queue} if queue else {}
+        options: dict[str, Any] = self._celery.amqp.router.route(wanted, name, None, None)
+        return options, True
+
+
+def _lineage(celery: Celery) -> tuple[str | None, str | None]:
+    """Root and parent task ids when sending from inside a task (a handler)."""
+    parent = celery.current_worker_task
+    if not parent:
+        return None, None
+    return parent.request.root_id or parent.request.id, parent.request.id
