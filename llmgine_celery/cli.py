@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,7 +27,13 @@ def load_app(spec: str) -> ApplicationBootstrap:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    module = importlib.import_module(args.module)
+    try:
+        module = importlib.import_module(args.module)
+    except ImportError as exc:
+        raise SystemExit(
+            f"llmgine-celery: cannot import the demo module {args.module!r} ({exc}); "
+            "run the demo from the repository root, where the example application lives"
+        ) from exc
     asyncio.run(module.main())
     return 0
 
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmgine-celery`` console script."""
+    # Like ``celery -A``: application modules are found from the current directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
     try:
         code: int = args.run(args)
