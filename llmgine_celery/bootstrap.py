@@ -12,10 +12,13 @@ from kombu.exceptions import OperationalError
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.celery_app import LLMgineCelery, build_celery, task_queues, transport_of
 from llmgine_celery.bus.command_tasks import register_command_task
+from llmgine_celery.bus.dead_letters import DeadLetter
 from llmgine_celery.bus.embedded import EmbeddedWorker
-from llmgine_celery.bus.events import declare_groups, event_consumer_step, register_handler_task
+from llmgine_celery.bus.event_consumer import event_consumer_step
+from llmgine_celery.bus.events import declare_groups
+from llmgine_celery.bus.handler_tasks import register_handler_task
 from llmgine_celery.bus.message_bus import MessageBus
-from llmgine_celery.bus.registry import CommandRoute, EventRoute, HandlerRegistry
+from llmgine_celery.bus.registry import CommandRoute, EventRoute, HandlerRegistry, RetryPolicy
 from llmgine_celery.errors import BrokerUnavailableError, ConfigurationError
 from llmgine_celery.messages.commands import Command
 from llmgine_celery.messages.events import Event
@@ -85,9 +88,14 @@ class ApplicationBootstrap:
         *,
         group: str | None = None,
         name: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        """Subscribe ``handler`` to ``event_type`` in ``group`` (default: this application)."""
-        route = self._registry.add_event(event_type, handler, group, name)
+        """Subscribe ``handler`` to ``event_type`` in ``group`` (default: this application).
+
+        A failing run is retried per ``retry`` (default: 3 retries, exponential
+        backoff with jitter), then dead-lettered.
+        """
+        route = self._registry.add_event(event_type, handler, group, name, retry)
         if self._celery is not None:
             self._install_event(route)
 
@@ -113,7 +121,13 @@ class ApplicationBootstrap:
             for event_route in self._registry.event_routes:
                 self._install_event(event_route)
             celery.steps["consumer"].add(
-                event_consumer_step(self._registry, self._transport(), self._groups())
+                event_consumer_step(
+                    self._registry,
+                    self._transport(),
+                    self._groups(),
+                    self.settings.max_message_bytes,
+                    self._on_dead_letter,
+                )
             )
         return self._celery
 
@@ -182,8 +196,19 @@ class ApplicationBootstrap:
             self._refresh_queues()
 
     def _install_event(self, route: EventRoute) -> None:
-        register_handler_task(self.celery, self._registry, route)
+        register_handler_task(self.celery, self._registry, route, self._transport())
         self._refresh_queues()
+
+    def _on_dead_letter(self, record: DeadLetter) -> None:
+        self.obs_bus.log(
+            LogLevel.WARNING,
+            "dead letter",
+            kind=record.kind,
+            reason=record.reason,
+            group=record.group,
+            handler=record.handler,
+            dead_letter_id=record.id,
+        )
 
     def _refresh_queues(self) -> None:
         extra = {r.queue for r in self._registry.command_routes if r.queue}

@@ -29,6 +29,27 @@ class CommandRoute:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """How an event handler is retried: exponential backoff with full jitter."""
+
+    #: retries after the first attempt; then the event is dead-lettered
+    max_retries: int = 3
+    #: seconds before the first retry; doubled for each later one
+    backoff: float = 0.5
+    #: ceiling of one delay, in seconds
+    backoff_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.backoff < 0 or self.backoff_max < 0:
+            raise RegistrationError(f"{self} has a negative value")
+
+    def delay(self, retries: int, rand: Callable[[], float]) -> float:
+        """Seconds before retry number ``retries + 1``: uniform in [0, capped backoff]."""
+        ceiling: float = min(self.backoff_max, self.backoff * 2.0**retries)
+        return rand() * ceiling
+
+
+@dataclass(frozen=True)
 class EventRoute:
     """One event handler in one subscriber group."""
 
@@ -36,6 +57,7 @@ class EventRoute:
     handler: Handler
     group: str
     name: str
+    retry: RetryPolicy = RetryPolicy()
 
     @property
     def task_name(self) -> str:
@@ -78,7 +100,12 @@ class HandlerRegistry:
         return route
 
     def add_event(
-        self, event_type: type[Event], handler: Handler, group: str | None, name: str | None
+        self,
+        event_type: type[Event],
+        handler: Handler,
+        group: str | None,
+        name: str | None,
+        retry: RetryPolicy | None = None,
     ) -> EventRoute:
         """Subscribe ``handler`` to ``event_type`` in ``group`` (default: the app's)."""
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
@@ -90,13 +117,14 @@ class HandlerRegistry:
             handler,
             topology.check_name("group", group or self.default_group),
             topology.check_name("handler name", name) if name else handler_name(handler),
+            retry or RetryPolicy(),
         )
         for known in self._events:
             same_slot = (known.group, known.name) == (route.group, route.name)
-            if same_slot and known.handler != handler:
+            if same_slot and (known.handler != handler or known.retry != route.retry):
                 raise RegistrationError(
-                    f"two different handlers are named {route.name!r} in group {route.group!r}; "
-                    "pass name=... to register_event_handler"
+                    f"two different handlers (or retry policies) are named {route.name!r} "
+                    f"in group {route.group!r}; pass name=... to register_event_handler"
                 )
             if same_slot and known.event_type is event_type:
                 raise RegistrationError(

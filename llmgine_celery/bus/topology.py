@@ -18,8 +18,10 @@ GROUP_QUEUE_PREFIX = "llmgine.events."
 HANDLER_QUEUE_PREFIX = "llmgine.handlers."
 #: prefix of event handler task names: ``llmgine.event.<group>.<handler>``
 HANDLER_TASK_PREFIX = "llmgine.event."
-#: where failures go after their last retry
+#: where failures go after their last retry (a durable queue on a direct exchange of that name)
 DEAD_LETTER_QUEUE = "llmgine.dead_letter"
+#: prefix of the result-backend key marking a handler run as done: ``<prefix><task id>``
+DONE_KEY_PREFIX = "llmgine-done-"
 
 #: message header keys mirroring ids carried in the body
 HEADER_COMMAND_ID = "llmgine_command_id"

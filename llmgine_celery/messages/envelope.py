@@ -124,3 +124,16 @@ class TypeRegistry:
                 raw=envelope,
             )
         return load(cls, envelope.get("data"))
+
+
+def known_event_type(name: str) -> bool:
+    """True when some ``Event`` subclass imported in this process has that wire name."""
+    from llmgine_celery.messages.events import Event
+
+    pending: list[type] = [Event]
+    while pending:
+        cls = pending.pop()
+        if type_name(cls) == name:
+            return True
+        pending.extend(cls.__subclasses__())
+    return False

@@ -1,0 +1,138 @@
+"""The worker step that turns group-queue events into one task per handler.
+
+Bad input never stops the step: a message that is over the size limit, not
+JSON (a pickle is never deserialised), not an envelope, of an unknown event
+type, or invalid for its type is dead-lettered with the reason and acked, and
+the messages around it are consumed as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+from kombu.message import Message
+from kombu.messaging import Consumer
+
+from llmgine_celery.bus import topology
+from llmgine_celery.bus.dead_letters import INVALID_MESSAGE, DeadLetter, raw_text, send_dead_letter
+from llmgine_celery.bus.events import group_queue
+from llmgine_celery.bus.registry import HandlerRegistry
+from llmgine_celery.errors import MessageError, UnknownMessageTypeError
+from llmgine_celery.messages.envelope import known_event_type
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+#: told of every dead letter this step makes (for logs and metrics)
+DeadLetterHook = Callable[[DeadLetter], None]
+
+
+class GroupDispatcher:
+    """Handles the messages of one group queue."""
+
+    def __init__(
+        self,
+        celery: Celery,
+        registry: HandlerRegistry,
+        group: str,
+        max_bytes: int,
+        on_dead_letter: DeadLetterHook,
+    ) -> None:
+        self._celery = celery
+        self._registry = registry
+        self._group = group
+        self._queue = topology.group_queue_name(group)
+        self._max_bytes = max_bytes
+        self._on_dead_letter = on_dead_letter
+
+    def on_message(self, message: Message) -> None:
+        """Dispatch one raw message (acked once dispatched or dead-lettered)."""
+        problem = self._check(message)
+        if problem is not None:
+            self._reject(message, problem)
+            return
+        try:
+            body = message.decode()
+        except Exception as exc:  # whatever the body holds, it must not stop the worker
+            self._reject(message, f"body is not JSON: {exc}", f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            event = self._registry.types.decode(body)
+        except UnknownMessageTypeError as exc:
+            if known_event_type(str(exc.raw)):
+                message.ack()  # another application's event: nothing to do in this group
+            else:
+                self._reject(message, f"unknown event type {exc.raw!r}", str(exc))
+            return
+        except (MessageError, ValueError, TypeError) as exc:
+            self._reject(message, f"invalid event: {exc}", f"{type(exc).__name__}: {exc}")
+            return
+        for route in self._registry.event_routes_for(self._group, event):
+            self._celery.tasks[route.task_name].apply_async(
+                args=[body],
+                task_id=topology.handler_task_id(event.id, self._group, route.name),
+                queue=topology.handler_queue_name(self._group),
+                argsrepr=f"<{body['type']} {event.id}>",
+                kwargsrepr="{}",
+            )
+        message.ack()
+
+    def _check(self, message: Message) -> str | None:
+        size = len(message.body or b"")
+        if size > self._max_bytes:
+            return f"message of {size} bytes is over the {self._max_bytes} byte limit"
+        if message.content_type != JSON:
+            return f"content type {message.content_type!r} is refused: events are JSON only"
+        return None
+
+    def _reject(self, message: Message, reason: str, error: str | None = None) -> None:
+        record = DeadLetter(
+            kind=INVALID_MESSAGE,
+            reason=reason,
+            queue=self._queue,
+            error=error,
+            group=self._group,
+            raw=raw_text(message.body),
+            content_type=message.content_type,
+            size=len(message.body or b""),
+        )
+        send_dead_letter(self._celery, record)
+        logger.warning("dead-lettered a message from %s: %s", self._queue, reason)
+        self._on_dead_letter(record)
+        message.ack()
+
+
+def event_consumer_step(
+    registry: HandlerRegistry,
+    transport: str,
+    groups: list[str],
+    max_bytes: int,
+    on_dead_letter: DeadLetterHook,
+) -> type:
+    """A worker consumer step consuming ``groups``' event queues, a channel each."""
+
+    class EventDispatchStep(bootsteps.ConsumerStep):
+        """Consume the groups' event queues; dispatch one task per handler."""
+
+        def start(self, c: Any) -> None:
+            self.consumers = [self._consumer(c, group) for group in groups]
+            for consumer in self.consumers:
+                consumer.consume()
+
+        def _consumer(self, c: Any, group: str) -> Consumer:
+            dispatcher = GroupDispatcher(c.app, registry, group, max_bytes, on_dead_letter)
+            return Consumer(
+                c.connection.channel(),
+                queues=[group_queue(group, transport)],
+                on_message=dispatcher.on_message,
+                prefetch_count=32,
+            )
+
+    return EventDispatchStep
