@@ -126,6 +126,7 @@ class ApplicationBootstrap:
                     self._transport(),
                     self._groups(),
                     self.settings.max_message_bytes,
+                    self.settings.rebind_interval,
                     self._on_dead_letter,
                 )
             )

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     event_groups: str | None = None
     #: seconds to wait for the broker before giving up with a clear error
     connect_timeout: float = Field(default=5.0, gt=0)
+    #: seconds between a Redis worker's re-binds of its group queues
+    rebind_interval: float = Field(default=30.0, gt=0)
     #: event messages larger than this are dead-lettered unread
     max_message_bytes: int = Field(default=1024 * 1024, gt=0)
 

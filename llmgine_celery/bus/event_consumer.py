@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
+#: transports whose bindings live in a key that can be lost (eviction, FLUSHDB)
+REBIND_TRANSPORTS = frozenset({"redis", "rediss"})
 
 #: told of every dead letter this step makes (for logs and metrics)
 DeadLetterHook = Callable[[DeadLetter], None]
@@ -109,30 +111,81 @@ class GroupDispatcher:
         message.ack()
 
 
+class EventDispatchStep(bootsteps.ConsumerStep):
+    """Consume the groups' event queues, a channel each; dispatch one task per handler.
+
+    Configured by subclassing (see ``event_consumer_step``): Celery instantiates
+    steps itself.
+    """
+
+    registry: HandlerRegistry
+    transport: str
+    groups: list[str]
+    max_bytes: int
+    rebind_seconds: float
+    on_dead_letter: DeadLetterHook
+    _rebind_timer: Any = None
+    _consumers: list[Any]  # kombu Consumers; their channel and queues are set once consuming
+
+    def start(self, c: Any) -> None:
+        self._consumers = [self._consumer(c, group) for group in self.groups]
+        self.consumers = self._consumers
+        for consumer in self._consumers:
+            consumer.consume()
+        if self.transport in REBIND_TRANSPORTS and c.timer is not None:
+            # kombu keeps Redis bindings in a set key: if it is evicted or
+            # flushed, events stop reaching the groups. Workers put it back.
+            self._rebind_timer = c.timer.call_repeatedly(
+                self.rebind_seconds, self._rebind, (c,), priority=10
+            )
+
+    def stop(self, c: Any) -> None:
+        if self._rebind_timer is not None:
+            self._rebind_timer.cancel()
+        super().stop(c)
+
+    def _consumer(self, c: Any, group: str) -> Consumer:
+        dispatcher = GroupDispatcher(
+            c.app, self.registry, group, self.max_bytes, self.on_dead_letter
+        )
+        return Consumer(
+            c.connection.channel(),
+            queues=[group_queue(group, self.transport)],
+            on_message=dispatcher.on_message,
+            prefetch_count=32,
+        )
+
+    def _rebind(self, c: Any) -> None:
+        # Channel.queue_bind would return early: the channel remembers the
+        # binding in memory. Write it to Redis again through the transport hook.
+        try:
+            for consumer in self._consumers:
+                channel = consumer.channel
+                for queue in consumer.queues:
+                    exchange = queue.exchange.name
+                    meta = channel.typeof(exchange).prepare_bind(
+                        queue.name, exchange, queue.routing_key, queue.binding_arguments
+                    )
+                    channel._queue_bind(exchange, *meta)
+        except Exception:  # the consumer reconnects on its own; try again next time
+            logger.warning("re-binding event group queues failed", exc_info=True)
+
+
 def event_consumer_step(
     registry: HandlerRegistry,
     transport: str,
     groups: list[str],
     max_bytes: int,
+    rebind_seconds: float,
     on_dead_letter: DeadLetterHook,
-) -> type:
-    """A worker consumer step consuming ``groups``' event queues, a channel each."""
-
-    class EventDispatchStep(bootsteps.ConsumerStep):
-        """Consume the groups' event queues; dispatch one task per handler."""
-
-        def start(self, c: Any) -> None:
-            self.consumers = [self._consumer(c, group) for group in groups]
-            for consumer in self.consumers:
-                consumer.consume()
-
-        def _consumer(self, c: Any, group: str) -> Consumer:
-            dispatcher = GroupDispatcher(c.app, registry, group, max_bytes, on_dead_letter)
-            return Consumer(
-                c.connection.channel(),
-                queues=[group_queue(group, transport)],
-                on_message=dispatcher.on_message,
-                prefetch_count=32,
-            )
-
-    return EventDispatchStep
+) -> type[EventDispatchStep]:
+    """The consumer step of one application's groups, for ``celery.steps``."""
+    config = {
+        "registry": registry,
+        "transport": transport,
+        "groups": groups,
+        "max_bytes": max_bytes,
+        "rebind_seconds": rebind_seconds,
+        "on_dead_letter": staticmethod(on_dead_letter),
+    }
+    return type("EventDispatchStep", (EventDispatchStep,), config)

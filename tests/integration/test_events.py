@@ -83,6 +83,7 @@ class Cluster:
             concurrency=4,
             log_dir=self.tmp,
             extra_args=("-Q", ",".join(QUEUES[group])),
+            env={"LLMGINE_REBIND_INTERVAL": "0.5"},
         )
         self.workers.setdefault(group, []).append(worker)
         return worker
@@ -293,3 +294,16 @@ def test_bad_messages_are_dead_lettered_and_the_rest_still_flow(cluster: Cluster
     assert "unknown event type 'NoSuchEvent'" in joined
     assert "text" in joined  # the field that failed validation
     assert "over the 1048576 byte limit" in joined
+
+
+def test_a_lost_redis_binding_is_put_back_by_the_workers(cluster: Cluster) -> None:
+    if cluster.broker_name != "redis":
+        pytest.skip("RabbitMQ keeps durable bindings itself")
+    key = f"_kombu.binding.{topology.EVENTS_EXCHANGE}"
+    client = cluster.producer.celery.connection_for_write().default_channel.client
+    client.delete(key)  # as an eviction or a FLUSHDB would
+    members = wait_for(lambda: client.smembers(key), timeout=30, what="the binding to come back")
+    assert any(topology.group_queue_name("alpha").encode() in m for m in members)
+    event = Said(text="after the rebind")
+    cluster.publish(event)
+    wait_for(lambda: seen("alpha", "said", event.id), what="an event after the rebind")
