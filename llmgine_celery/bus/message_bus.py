@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError
 
-from llmgine_celery.bus import results
+from llmgine_celery.bus import results, topology
 from llmgine_celery.bus.celery_app import transport_of
-from llmgine_celery.bus.events import publish_event
-from llmgine_celery.bus.publisher import BatchPublisher
+from llmgine_celery.bus.confirms import ConfirmChannel
+from llmgine_celery.bus.events import event_headers, events_exchange, publish_event
+from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.bus.sender import CommandSender
 from llmgine_celery.bus.waiters import PollingResultWaiter, RedisResultWaiter, ResultWaiter
@@ -69,6 +70,12 @@ class MessageBus:
         self._transport = transport_of(settings.broker())
         self._publisher = BatchPublisher(celery.producer_or_acquire)
         self._sender = CommandSender(celery, registry)
+        #: batched publisher confirms for events, on RabbitMQ
+        self._confirms = (
+            ConfirmChannel(celery.connection_for_write, events_exchange(self._transport))
+            if self._transport == "amqp"
+            else None
+        )
         self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
             weakref.WeakKeyDictionary()
         )
@@ -146,13 +153,18 @@ class MessageBus:
     # -- events -----------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        """Publish ``event`` to every subscriber group; returns once the broker has it."""
+        """Publish ``event`` to every subscriber group; returns once the broker has it.
+
+        On RabbitMQ "has it" means confirmed: concurrent publishes share one
+        confirmation round trip per batch.
+        """
         envelope = encode(event)
         await self._publisher.submit(functools.partial(self._publish, envelope))
 
     def publish_sync(self, event: Event) -> None:
         """``publish`` for code without an event loop."""
-        self._publish(encode(event))
+        envelope = encode(event)
+        self._publisher.submit_sync(functools.partial(self._publish, envelope))
 
     # -- lifecycle --------------------------------------------------------
 
@@ -162,6 +174,8 @@ class MessageBus:
         if waiter is not None:
             await waiter.aclose()
         await asyncio.to_thread(self._publisher.close)
+        if self._confirms is not None:
+            self._confirms.close()
 
     # -- internals --------------------------------------------------------
 
@@ -176,10 +190,22 @@ class MessageBus:
         except (OperationalError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
-    def _publish(self, envelope: Envelope, producer: Any = None) -> None:
+    def _publish(self, envelope: Envelope, producer: Any = None) -> Confirmation | None:
         try:
-            publish_event(self.celery, self._transport, envelope, producer)
-        except OperationalError as exc:
+            if self._confirms is None:
+                publish_event(self.celery, self._transport, envelope, producer)
+                return None
+            confirm = self._confirms.publish(
+                envelope, event_headers(envelope), topology.EVENTS_ROUTING_KEY
+            )
+        except (OperationalError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        return functools.partial(self._confirmed, confirm)
+
+    def _confirmed(self, confirm: Confirmation) -> None:
+        try:
+            confirm()
+        except (OperationalError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: Exception) -> BrokerUnavailableError:

@@ -1,14 +1,17 @@
-"""One thread per process that does blocking broker writes for async callers.
+"""One thread per process that does blocking broker writes for its callers.
 
 ``await execute()`` must neither block the event loop with socket I/O nor hold
-a thread per pending call. Callers enqueue a send and await a future; the
-thread takes every queued send at once, publishes them over one pooled
-producer, and resolves their futures with one wake-up per event loop.
+a thread per pending call. Callers enqueue a send; the thread takes every
+queued send at once, publishes them over one pooled producer, then waits for
+the broker's confirmations of the whole batch (a send may return a
+confirmation to wait for), and tells each caller with one wake-up per event
+loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import threading
@@ -18,25 +21,26 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-#: a send: called with the producer the batch shares
-Send = Callable[[Any], None]
-
-
-#: told the outcome of a send on its event loop: None, or what it raised
+#: waits until the broker confirmed what a send published; raises if it refused
+Confirmation = Callable[[], None]
+#: a send: called with the producer the batch shares; may return a confirmation
+Send = Callable[[Any], Confirmation | None]
+#: told the outcome of a send: None, or what it raised
 Callback = Callable[[BaseException | None], None]
 
 
 @dataclass
 class _Job:
-    loop: asyncio.AbstractEventLoop
+    #: the caller's event loop, or None to call back on the publisher thread
+    loop: asyncio.AbstractEventLoop | None
     send: Send
     callback: Callback
-    #: call back on success too (``submit``), or only on failure (``post``)
+    #: call back on success too, or only on failure (``post``)
     always: bool
 
 
 class BatchPublisher:
-    """Runs sends on a dedicated thread, in batches, over one producer per batch."""
+    """Runs sends on a dedicated thread, in batches, confirmed per batch."""
 
     def __init__(self, acquire_producer: Callable[[], AbstractContextManager[Any]]) -> None:
         self._acquire = acquire_producer
@@ -47,26 +51,25 @@ class BatchPublisher:
         self._stopping = False
 
     async def submit(self, send: Send) -> None:
-        """Run ``send(producer)`` on the publisher thread; return when it has run."""
+        """Run ``send`` on the publisher thread; return once it is sent and confirmed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._enqueue(_Job(loop, send, functools.partial(_settle, future), always=True))
         await future
 
+    def submit_sync(self, send: Send, timeout: float | None = None) -> None:
+        """``submit`` for callers without an event loop (blocks this thread)."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._enqueue(_Job(None, send, functools.partial(_settle_sync, future), always=True))
+        future.result(timeout)
+
     def post(self, send: Send, on_error: Callback) -> None:
-        """Queue ``send(producer)``; only a failure calls back (on the caller's loop).
+        """Queue ``send``; only a failure calls back (on the caller's loop).
 
         Saves the caller a wake-up per send when something else (the result)
         will wake it anyway.
         """
         self._enqueue(_Job(asyncio.get_running_loop(), send, on_error, always=False))
-
-    def _enqueue(self, job: _Job) -> None:
-        with self._cond:
-            self._ensure_thread()
-            self._jobs.append(job)
-            if len(self._jobs) == 1:
-                self._cond.notify()
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued sends and stop the thread."""
@@ -77,6 +80,13 @@ class BatchPublisher:
             thread.join(timeout)
         with self._cond:
             self._thread, self._stopping = None, False
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._cond:
+            self._ensure_thread()
+            self._jobs.append(job)
+            if len(self._jobs) == 1:
+                self._cond.notify()
 
     def _ensure_thread(self) -> None:
         if self._thread is None or self._pid != os.getpid():
@@ -93,43 +103,67 @@ class BatchPublisher:
                 batch, self._jobs = self._jobs, []
                 if not batch and self._stopping:
                     return
-            self._publish(batch)
+            _report(self._publish(batch))
 
-    def _publish(self, batch: list[_Job]) -> None:
-        outcomes: dict[asyncio.AbstractEventLoop, list[tuple[Callback, BaseException | None]]]
-        outcomes = defaultdict(list)
-        done = 0
+    def _publish(self, batch: list[_Job]) -> list[tuple[_Job, BaseException | None]]:
+        sent: list[tuple[_Job, Confirmation | None]] = []
+        outcomes: list[tuple[_Job, BaseException | None]] = []
         try:
             with self._acquire() as producer:
                 for job in batch:
-                    error = _run_send(job.send, producer)
-                    done += 1
-                    if error is not None or job.always:
-                        outcomes[job.loop].append((job.callback, error))
-        except BaseException as exc:  # no producer: the rest of the batch fails with it
-            for job in batch[done:]:
-                outcomes[job.loop].append((job.callback, exc))
-        for loop, results in outcomes.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_call_back, results)
+                    try:
+                        sent.append((job, job.send(producer)))
+                    except BaseException as exc:
+                        outcomes.append((job, exc))
+        except BaseException as exc:  # no producer: what was not sent fails with it
+            done = {id(job) for job, _ in sent} | {id(job) for job, _ in outcomes}
+            outcomes += [(job, exc) for job in batch if id(job) not in done]
+        for job, confirm in sent:
+            outcomes.append((job, _confirmed(confirm)))
+        return outcomes
 
 
-def _run_send(send: Send, producer: Any) -> BaseException | None:
+def _confirmed(confirm: Confirmation | None) -> BaseException | None:
+    if confirm is None:
+        return None
     try:
-        send(producer)
+        confirm()
     except BaseException as exc:
         return exc
     return None
 
 
-def _call_back(results: list[tuple[Callback, BaseException | None]]) -> None:
-    for callback, error in results:
+def _report(outcomes: list[tuple[_Job, BaseException | None]]) -> None:
+    """Call back each job that wants it: once per event loop, or right here."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callback, BaseException | None]]]
+    by_loop = defaultdict(list)
+    for job, error in outcomes:
+        if error is None and not job.always:
+            continue
+        if job.loop is None:
+            job.callback(error)
+        else:
+            by_loop[job.loop].append((job.callback, error))
+    for loop, calls in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_call_back, calls)
+
+
+def _call_back(calls: list[tuple[Callback, BaseException | None]]) -> None:
+    for callback, error in calls:
         callback(error)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
     if future.done():
         return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _settle_sync(future: concurrent.futures.Future[None], error: BaseException | None) -> None:
     if error is None:
         future.set_result(None)
     else:
