@@ -1,16 +1,24 @@
-"""The ``llmgine-celery`` command: demo, worker, declare."""
+"""The ``llmgine-celery`` command: demo, worker, declare, dead-letters."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
 
 from llmgine_celery.bootstrap import ApplicationBootstrap
-from llmgine_celery.errors import LLMgineError
+from llmgine_celery.bus import dead_letter_admin as admin
+from llmgine_celery.bus import topology
+from llmgine_celery.bus.dead_letters import DeadLetter
+from llmgine_celery.errors import ConfigurationError, LLMgineError
+from llmgine_celery.messages.envelope import dump
+
+#: characters of a reason shown by ``dead-letters list``
+REASON_WIDTH = 80
 
 
 def load_app(spec: str) -> ApplicationBootstrap:
@@ -19,10 +27,10 @@ def load_app(spec: str) -> ApplicationBootstrap:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"llmgine-celery: cannot import {module_name!r}: {exc}") from exc
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
     app = getattr(module, attr or "app", None)
     if not isinstance(app, ApplicationBootstrap):
-        raise SystemExit(f"llmgine-celery: {spec!r} is not an ApplicationBootstrap instance")
+        raise ConfigurationError(f"{spec!r} is not an ApplicationBootstrap instance")
     return app
 
 
@@ -51,6 +59,87 @@ def _declare(args: argparse.Namespace) -> int:
     return 0
 
 
+def summary_line(record: DeadLetter) -> str:
+    """One line of ``dead-letters list``: who failed, when, on which event, and why."""
+    event = record.event if isinstance(record.event, dict) else {}
+    fields = event.get("data")
+    data = fields if isinstance(fields, dict) else {}
+    reason = " ".join(record.reason.split())  # a reason or raw body may span lines
+    if len(reason) > REASON_WIDTH:
+        reason = reason[: REASON_WIDTH - 3] + "..."
+    return "  ".join(
+        [
+            record.id,
+            record.kind,
+            f"{record.group or '-'}/{record.handler or '-'}",
+            f"attempts={record.attempts}",
+            record.dead_lettered_at or "-",
+            f"{event.get('type', '-')}:{data.get('id', '-')}",
+            reason,
+        ]
+    )
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    records = admin.list_dead_letters(load_app(args.app).celery)
+    for record in records:
+        print(summary_line(record))
+    print(f"{len(records)} dead letter(s) on {topology.DEAD_LETTER_QUEUE}", file=sys.stderr)
+    return 0
+
+
+def _dead_show(args: argparse.Namespace) -> int:
+    record = admin.get_dead_letter(load_app(args.app).celery, args.id)
+    print(json.dumps(dump(record), indent=2))
+    return 0
+
+
+def _dead_replay(args: argparse.Namespace) -> int:
+    record = admin.replay_dead_letter(load_app(args.app).celery, args.id)
+    name, task_id, queue = admin.replay_target(record)
+    print(f"replayed dead letter {record.id}: sent task {name} (id {task_id}) to {queue}")
+    return 0
+
+
+def _dead_purge(args: argparse.Namespace) -> int:
+    celery = load_app(args.app).celery
+    if not args.yes:
+        count = len(admin.list_dead_letters(celery))
+        answer = _ask(f"purge {count} dead letter(s) from {topology.DEAD_LETTER_QUEUE}? [y/N] ")
+        if answer not in {"y", "yes"}:
+            print("llmgine-celery: nothing purged", file=sys.stderr)
+            return 1
+    print(f"purged {admin.purge_dead_letters(celery)} dead letter(s)")
+    return 0
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt).strip().lower()
+    except EOFError:  # no terminal to answer: the safe answer is no
+        print()
+        return ""
+
+
+def _add_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("dead-letters", help=f"inspect and replay {topology.DEAD_LETTER_QUEUE}")
+    actions = parser.add_subparsers(dest="action", required=True)
+    commands = [
+        ("list", _dead_list, "one line per dead letter (none is removed)"),
+        ("show", _dead_show, "one dead letter as JSON, traceback included"),
+        ("replay", _dead_replay, "send its event to its one handler again, then remove it"),
+        ("purge", _dead_purge, "remove every dead letter"),
+    ]
+    for name, run, help_text in commands:
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        action.add_argument("app", help="module:attribute naming an ApplicationBootstrap")
+        if name in {"show", "replay"}:
+            action.add_argument("id", help="the dead letter's id (see list)")
+        if name == "purge":
+            action.add_argument("--yes", action="store_true", help="do not ask first")
+        action.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgine-celery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     declare = sub.add_parser("declare", help="declare APP's queues, exchanges and bindings")
     declare.add_argument("app")
     declare.set_defaults(run=_declare)
+    _add_dead_letters(sub)
     return parser
 
 

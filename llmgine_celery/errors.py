@@ -46,3 +46,15 @@ class UnknownMessageTypeError(MessageError):
 
 class UnsafeContentError(MessageError):
     """A message arrived in a content type other than JSON (pickle is refused)."""
+
+
+class DeadLetterError(LLMgineError):
+    """A dead-letter operation asked for something the queue cannot give."""
+
+
+class DeadLetterNotFoundError(DeadLetterError):
+    """No dead letter with that id is on the dead-letter queue."""
+
+
+class DeadLetterNotReplayableError(DeadLetterError):
+    """The dead letter lacks the event or the handler needed to replay it."""

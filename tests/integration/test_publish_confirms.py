@@ -11,7 +11,7 @@ from kombu.entity import Queue
 
 from llmgine_celery import ApplicationConfig, BrokerUnavailableError, Settings
 from llmgine_celery.bus import topology
-from llmgine_celery.bus.events import events_exchange
+from llmgine_celery.bus.events import events_exchange, group_queue
 from tests.integration.event_apps import Alpha, Said
 from tests.support import RABBITMQ_URL, REDIS_URL, ensure_test_vhost, require_service
 
@@ -28,6 +28,8 @@ def producer(tmp_path: Path) -> Iterator[Alpha]:
     app = Alpha(ApplicationConfig(name="confirms", settings=settings))
     app.declare()
     yield app
+    with app.celery.connection_for_write() as conn:  # or it collects later tests' events
+        group_queue("confirms", "amqp")(conn.default_channel).delete()
     app.celery.close()
 
 
