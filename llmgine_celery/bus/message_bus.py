@@ -18,6 +18,7 @@ from llmgine_celery.bus.events import event_headers, events_exchange, publish_ev
 from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.bus.sender import CommandSender
+from llmgine_celery.bus.subscriptions import E, Subscription, subscribe
 from llmgine_celery.bus.waiters import PollingResultWaiter, RedisResultWaiter, ResultWaiter
 from llmgine_celery.errors import BrokerUnavailableError
 from llmgine_celery.messages.commands import Command, CommandResult
@@ -165,6 +166,19 @@ class MessageBus:
         """``publish`` for code without an event loop."""
         envelope = encode(event)
         self._publisher.submit_sync(functools.partial(self._publish, envelope))
+
+    def subscribe(
+        self, *event_types: type[E], session_id: str | None = None, max_buffer: int = 1000
+    ) -> Subscription[E]:
+        """Events published anywhere while ``async with`` is open, by type and session.
+
+        ``async with bus.subscribe(MyEvent, session_id=sid) as events:
+        async for event in events: ...`` streams through a queue of this
+        process's own, removed when the block ends however it ends.
+        """
+        return subscribe(
+            self.celery, self._transport, *event_types, session_id=session_id, max_buffer=max_buffer
+        )
 
     # -- lifecycle --------------------------------------------------------
 

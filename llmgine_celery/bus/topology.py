@@ -18,6 +18,8 @@ GROUP_QUEUE_PREFIX = "llmgine.events."
 HANDLER_QUEUE_PREFIX = "llmgine.handlers."
 #: prefix of event handler task names: ``llmgine.event.<group>.<handler>``
 HANDLER_TASK_PREFIX = "llmgine.event."
+#: prefix of a live subscription's own queue: ``<prefix><host>.<pid>.<uuid8>``
+SUBSCRIPTION_QUEUE_PREFIX = "llmgine.subscription."
 #: where failures go after their last retry (a durable queue on a direct exchange of that name)
 DEAD_LETTER_QUEUE = "llmgine.dead_letter"
 #: prefix of the result-backend key marking a handler run as done: ``<prefix><task id>``

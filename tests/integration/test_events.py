@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from llmgine_celery.bus import topology
 from llmgine_celery.bus.celery_app import transport_of
 from llmgine_celery.bus.dead_letters import DeadLetter, dead_letter_queue, parse_dead_letter
 from llmgine_celery.bus.events import events_exchange, group_queue
-from tests.integration.event_apps import Alpha, Boom, Said, record_key, recorder
+from tests.integration.event_apps import Alpha, Boom, Chained, Said, record_key, recorder
 from tests.support import (
     DEPLOYMENTS,
     REPO,
@@ -322,3 +323,27 @@ def test_a_lost_redis_binding_is_put_back_by_the_workers(cluster: Cluster) -> No
     event = Said(text="after the rebind")
     cluster.publish(event)
     wait_for(lambda: seen("alpha", "said", event.id), what="an event after the rebind")
+
+
+def test_a_web_process_streams_one_sessions_events_as_workers_publish_them(
+    cluster: Cluster,
+) -> None:
+    bus = cluster.producer.message_bus
+
+    async def stream() -> list[Chained]:
+        got: list[Chained] = []
+        try:
+            async with bus.subscribe(Chained, session_id="web-1") as events:
+                await bus.publish(Said(text="chain for someone else", session_id="web-2"))
+                await bus.publish(Said(text="chain for me", session_id="web-1"))
+                async for event in events:
+                    got.append(event)
+                    break
+        finally:
+            await bus.aclose()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(stream(), timeout=60))
+    assert [(e.text, e.shout, e.session_id) for e in got] == [
+        ("chain for me", "CHAIN FOR ME", "web-1")
+    ]
