@@ -197,7 +197,9 @@ class ApplicationBootstrap:
             self._refresh_queues()
 
     def _install_event(self, route: EventRoute) -> None:
-        register_handler_task(self.celery, self._registry, route, self._transport())
+        register_handler_task(
+            self.celery, self._registry, route, self._transport(), self._on_dead_letter
+        )
         self._refresh_queues()
 
     def _on_dead_letter(self, record: DeadLetter) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from llmgine_celery.bus import topology
@@ -58,7 +59,11 @@ def _done_key(task_id: str) -> bytes:
 
 
 def register_handler_task(
-    celery: Celery, registry: HandlerRegistry, route: EventRoute, transport: str
+    celery: Celery,
+    registry: HandlerRegistry,
+    route: EventRoute,
+    transport: str,
+    on_dead_letter: Callable[[DeadLetter], None],
 ) -> Task:
     """Create (once) the Celery task of one handler in one group."""
     if route.task_name in celery.tasks:
@@ -83,7 +88,7 @@ def register_handler_task(
                 raise self.retry(
                     exc=exc, countdown=countdown, max_retries=route.retry.max_retries, queue=queue
                 ) from exc
-            _give_up(celery, transport, route, self, envelope, event, exc)
+            on_dead_letter(_give_up(celery, transport, route, self, envelope, event, exc))
             raise
         marks.mark(task_id)
 
@@ -103,7 +108,7 @@ def _give_up(
     envelope: dict[str, Any],
     event: Event,
     exc: Exception,
-) -> None:
+) -> DeadLetter:
     """Dead-letter the event and announce the failure (not for a failure event)."""
     error = f"{type(exc).__name__}: {exc}"
     attempts = task.request.retries + 1
@@ -129,7 +134,7 @@ def _give_up(
         error,
     )
     if isinstance(event, EventHandlerFailedEvent):
-        return  # a failing handler of failure events must not feed itself forever
+        return record  # a failing handler of failure events must not feed itself forever
     failed = EventHandlerFailedEvent(
         event_type=envelope["type"],
         event_id=event.id,
@@ -141,3 +146,4 @@ def _give_up(
         session_id=event.session_id,
     )
     publish_event(celery, transport, encode(failed))
+    return record

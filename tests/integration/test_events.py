@@ -223,6 +223,9 @@ def test_a_failing_handler_is_retried_then_dead_lettered_alone(cluster: Cluster)
     assert letter.task_id == topology.handler_task_id(event.id, "alpha", "flaky")
     # Retries stayed in alpha: beta got its one copy through the exchange, no more.
     assert len(seen("beta", "boom_seen", event.id)) == 1
+    # ...and the worker reported the dead letter to its ObservabilityBus.
+    logs = b"".join(w.log.read_bytes() for w in cluster.workers["alpha"])
+    assert f"dead_letter_id={letter.id}".encode() in logs
 
 
 def test_the_same_event_twice_runs_each_handler_once(cluster: Cluster) -> None:
