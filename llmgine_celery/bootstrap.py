@@ -166,6 +166,8 @@ class ApplicationBootstrap:
             await asyncio.to_thread(worker.stop)
         if self._message_bus is not None:
             await self._message_bus.aclose()
+        if self._celery is not None:
+            self._celery.close()  # pooled broker connections; reopened if used again
         self.obs_bus.close()
 
     # -- internals -----------------------------------------------------------
