@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import current_task
 from pydantic import BaseModel
 
@@ -29,6 +30,7 @@ from llmgine_celery import (
 from llmgine_celery.messages.envelope import dump
 
 APP_NAME = "itest"
+RECORDER_URL = os.environ.get("ITEST_RECORDER_URL", "redis://127.0.0.1:6379/14")
 SPECIAL_QUEUE = "itest.special"
 
 
@@ -70,6 +72,13 @@ class Fail(Command):
 
 @dataclass
 class Sleep(Command):
+    seconds: float
+
+
+@dataclass
+class Marked(Command):
+    """Marks its start in Redis, then takes ``seconds``: a window to kill a worker in."""
+
     seconds: float
 
 
@@ -126,6 +135,7 @@ class IntegrationApp(ApplicationBootstrap):
         self.register_command_handler(Fail, self.fail)
         self.register_command_handler(Sleep, self.sleep)
         self.register_command_handler(Rich, self.rich)
+        self.register_command_handler(Marked, self.marked)
         self.register_command_handler(Special, self.special, queue=SPECIAL_QUEUE)
 
     def _register_event_handlers(self) -> None:
@@ -157,6 +167,12 @@ class IntegrationApp(ApplicationBootstrap):
     def sleep(self, command: Sleep) -> str:
         time.sleep(command.seconds)
         return "slept"
+
+    def marked(self, command: Marked) -> int:
+        with redis.Redis.from_url(RECORDER_URL) as client:
+            client.rpush(f"itest:marked:{command.id}", os.getpid())
+        time.sleep(command.seconds)
+        return os.getpid()
 
     def rich(self, command: Rich) -> dict[str, Any]:
         types = {name: type(getattr(command, name)).__name__ for name in vars(command)}
