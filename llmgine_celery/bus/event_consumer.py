@@ -20,6 +20,7 @@ from llmgine_celery.bus import topology
 from llmgine_celery.bus.dead_letters import INVALID_MESSAGE, DeadLetter, raw_text, send_dead_letter
 from llmgine_celery.bus.events import group_queue
 from llmgine_celery.bus.registry import HandlerRegistry
+from llmgine_celery.bus.sender import TaskSender
 from llmgine_celery.errors import MessageError, UnknownMessageTypeError
 from llmgine_celery.messages.envelope import known_event_type
 
@@ -53,6 +54,7 @@ class GroupDispatcher:
         self._queue = topology.group_queue_name(group)
         self._max_bytes = max_bytes
         self._on_dead_letter = on_dead_letter
+        self._sender = TaskSender(celery)
 
     def on_message(self, message: Message) -> None:
         """Dispatch one raw message (acked once dispatched or dead-lettered)."""
@@ -76,14 +78,17 @@ class GroupDispatcher:
         except (MessageError, ValueError, TypeError) as exc:
             self._reject(message, f"invalid event: {exc}", f"{type(exc).__name__}: {exc}")
             return
-        for route in self._registry.event_routes_for(self._group, event):
-            self._celery.tasks[route.task_name].apply_async(
-                args=[body],
-                task_id=topology.handler_task_id(event.id, self._group, route.name),
-                queue=topology.handler_queue_name(self._group),
-                argsrepr=f"<{body['type']} {event.id}>",
-                kwargsrepr="{}",
-            )
+        headers = {topology.HEADER_EVENT_ID: event.id, topology.HEADER_SESSION_ID: event.session_id}
+        with self._celery.producer_or_acquire() as producer:
+            for route in self._registry.event_routes_for(self._group, event):
+                self._sender.send(
+                    route.task_name,
+                    topology.handler_task_id(event.id, self._group, route.name),
+                    body,
+                    queue=topology.handler_queue_name(self._group),
+                    headers=headers,
+                    producer=producer,
+                )
         message.ack()
 
     def _check(self, message: Message) -> str | None:

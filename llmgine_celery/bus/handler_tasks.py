@@ -73,6 +73,8 @@ def register_handler_task(
 
     def event_handler_task(self: Task, envelope: Any) -> None:
         task_id = self.request.id or ""
+        # Checked on every run, not only on redelivery: a publisher that retries
+        # after a lost confirmation sends a fresh copy with the same event id.
         if marks.seen(task_id):
             logger.info("%s already handled %s; skipping the copy", route.task_name, task_id)
             return

@@ -1,8 +1,8 @@
-"""Publishing command task messages (Celery's task protocol 2).
+"""Publishing task messages (Celery's task protocol 2) with routes resolved once.
 
 ``Celery.send_task`` re-resolves the route, merges task options, declares the
-queue and builds an ``AsyncResult`` on every call; for a command type all of
-that is the same each time. This sender resolves a route once, declares its
+queue and builds an ``AsyncResult`` on every call; for our task names all of
+that is the same each time. ``TaskSender`` resolves a route once, declares its
 queue on the first send only, and otherwise uses Celery's own message builder
 and publisher (``app.amqp``), so publish signals and task-sent events still fire.
 """
@@ -21,25 +21,31 @@ if TYPE_CHECKING:
     from celery import Celery
 
 
-class CommandSender:
-    """Sends commands as tasks named ``llmgine.command.<Type>`` with id = command id."""
+class TaskSender:
+    """Sends task messages by name to a queue; raises OperationalError or OSError."""
 
-    def __init__(self, celery: Celery, registry: HandlerRegistry) -> None:
+    def __init__(self, celery: Celery) -> None:
         self._celery = celery
-        self._registry = registry
         self._lock = threading.Lock()
         self._routes: dict[tuple[str, str | None], dict[str, Any]] = {}
 
-    def send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
-        """Publish ``command``; raises kombu's OperationalError or OSError on broker trouble."""
+    def send(
+        self,
+        name: str,
+        task_id: str,
+        envelope: Envelope,
+        *,
+        queue: str | None = None,
+        headers: dict[str, Any] | None = None,
+        producer: Any = None,
+    ) -> None:
+        """Publish task ``name`` with the envelope as its one argument."""
         celery = self._celery
-        name = topology.command_task_name(envelope["type"])
-        route = self._registry.command_route(type(command))
-        key = (name, route.queue if route else None)
+        key = (name, queue)
         options, first = self._route(key)
         root_id, parent_id = _lineage(celery)
         message = celery.amqp.create_task_message(
-            command.id,
+            task_id,
             name,
             [envelope],
             {},
@@ -47,14 +53,9 @@ class CommandSender:
             create_sent_event=celery.conf.task_send_sent_event,
             root_id=root_id,
             parent_id=parent_id,
-            argsrepr=f"<{envelope['type']} {command.id}>",
+            argsrepr=f"<{envelope['type']} {envelope['data'].get('id')}>",
             kwargsrepr="{}",
         )
-        headers = {
-            topology.HEADER_COMMAND_ID: command.id,
-            topology.HEADER_SESSION_ID: command.session_id,
-            topology.HEADER_MESSAGE_TYPE: envelope["type"],
-        }
         with celery.producer_or_acquire(producer) as pooled:
             celery.amqp.send_task_message(pooled, name, message, headers=headers, **options)
         if first:
@@ -69,6 +70,30 @@ class CommandSender:
         wanted = {"queue": queue} if queue else {}
         options: dict[str, Any] = self._celery.amqp.router.route(wanted, name, None, None)
         return options, True
+
+
+class CommandSender:
+    """Sends commands as tasks named ``llmgine.command.<Type>`` with id = command id."""
+
+    def __init__(self, celery: Celery, registry: HandlerRegistry) -> None:
+        self._tasks = TaskSender(celery)
+        self._registry = registry
+
+    def send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
+        """Publish ``command`` to its route's queue (default ``llmgine.commands``)."""
+        route = self._registry.command_route(type(command))
+        self._tasks.send(
+            topology.command_task_name(envelope["type"]),
+            command.id,
+            envelope,
+            queue=route.queue if route else None,
+            headers={
+                topology.HEADER_COMMAND_ID: command.id,
+                topology.HEADER_SESSION_ID: command.session_id,
+                topology.HEADER_MESSAGE_TYPE: envelope["type"],
+            },
+            producer=producer,
+        )
 
 
 def _lineage(celery: Celery) -> tuple[str | None, str | None]:
