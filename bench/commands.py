@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import importlib
-import os
 import sys
 import tempfile
 import time
@@ -35,12 +35,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import report
 from bench.report import Sample, header, latency_table, throughput_table
 from bench.workers import (
     BenchError,
     Worker,
-    host_busy_seconds,
+    configure_environment,
     load_average,
+    log,
     prepare_queues,
     running_workers,
 )
@@ -153,15 +155,13 @@ class Contestant:
 
 def measure(worker: Worker, payloads: Sequence[str], run: Callable[[], Any]) -> Sample:
     """Run one phase and account its wall time and CPU time."""
-    host_before, worker_before = host_busy_seconds(), worker.cpu_seconds()
-    producer_before = time.process_time()
-    start = time.perf_counter()
-    latencies = run()
-    wall = time.perf_counter() - start
-    producer_cpu = time.process_time() - producer_before
-    worker_cpu = worker.cpu_seconds() - worker_before
-    rest_cpu = host_busy_seconds() - host_before - producer_cpu - worker_cpu
-    return Sample(len(payloads), wall, producer_cpu, worker_cpu, rest_cpu, tuple(latencies or ()))
+    latencies: list[float] = []
+
+    def timed() -> None:
+        latencies.extend(run() or ())
+
+    sample = report.measure([worker], len(payloads), timed)
+    return dataclasses.replace(sample, latencies=tuple(latencies))
 
 
 def make_payloads(tag: str, count: int, size: int) -> list[str]:
@@ -210,10 +210,6 @@ def _phase(
     return sample
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # -- main --------------------------------------------------------------------
 
 
@@ -239,15 +235,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.thread_counts or min(args.thread_counts) < 1:
         parser.error("--threads needs positive sizes")
     return args
-
-
-def configure_environment(args: argparse.Namespace) -> None:
-    """Only the settings given here reach both apps, here and in the workers."""
-    for key in [k for k in os.environ if k.startswith("LLMGINE_")]:
-        del os.environ[key]
-    os.environ["LLMGINE_BROKER_URL"] = args.broker
-    os.environ["LLMGINE_RESULT_BACKEND"] = args.backend
-    os.environ["LLMGINE_EMBEDDED_WORKER"] = "false"
 
 
 def contestants_of(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.workers import load_average
+from bench.workers import Worker, host_busy_seconds, load_average
 from llmgine_celery.settings import redact_url
 
 THROUGHPUT_GOAL = 1.5
@@ -26,6 +27,23 @@ class Sample:
     #: CPU of everything else on the host: broker, Redis, unrelated processes
     rest_cpu: float
     latencies: tuple[float, ...] = ()
+
+
+def measure(workers: Sequence[Worker], calls: int, run: Callable[[], float | None]) -> Sample:
+    """Run one phase and account its CPU time (this process, ``workers``, the rest).
+
+    Its wall time is what ``run`` returns, or else the time ``run`` took.
+    """
+    host_before = host_busy_seconds()
+    workers_before = sum(w.cpu_seconds() for w in workers)
+    producer_before = time.process_time()
+    start = time.perf_counter()
+    wall = run()
+    elapsed = time.perf_counter() - start
+    producer_cpu = time.process_time() - producer_before
+    worker_cpu = sum(w.cpu_seconds() for w in workers) - workers_before
+    rest_cpu = host_busy_seconds() - host_before - producer_cpu - worker_cpu
+    return Sample(calls, elapsed if wall is None else wall, producer_cpu, worker_cpu, rest_cpu)
 
 
 def percentile(values: Sequence[float], pct: int) -> float:
@@ -56,15 +74,32 @@ def cpu_columns(samples: Sequence[Sample]) -> str:
     return f"{producer:>8.2f} {worker:>8.2f} {rest:>8.2f} {per_call:>8.0f}"
 
 
-def throughput_table(results: dict[str, list[Sample]], llmgine: str) -> list[str]:
-    lines = [
-        f"{'side':<32} {'calls/s':>8}  {'per round':<22} {CPU_HEADER}",
-    ]
+def rate_rows(results: dict[str, list[Sample]], unit: str, width: int = 32) -> list[str]:
+    """A header and a line per side: median rate, each round's rate, CPU columns."""
+    lines = [f"{'side':<{width}} {unit:>8}  {'per round':<22} {CPU_HEADER}"]
     for label, samples in results.items():
         rounds = " ".join(f"{rate(s):.0f}" for s in samples)
         lines.append(
-            f"{label:<32} {median_of(samples, rate):>8.0f}  {rounds:<22} {cpu_columns(samples)}"
+            f"{label:<{width}} {median_of(samples, rate):>8.0f}  {rounds:<22} "
+            f"{cpu_columns(samples)}"
         )
+    return lines
+
+
+def ratio_line(
+    results: dict[str, list[Sample]], top: str, bottom: str, name: str, goal: float | None
+) -> str:
+    ratio = median_of(results[top], rate) / median_of(results[bottom], rate)
+    verdict = (
+        "informational"
+        if goal is None
+        else (f"goal >= {goal:.1f}x: {'met' if ratio >= goal else 'NOT met'}")
+    )
+    return f"ratio llmgine / {name}: {ratio:.2f}x  ({verdict})"
+
+
+def throughput_table(results: dict[str, list[Sample]], llmgine: str) -> list[str]:
+    lines = rate_rows(results, "calls/s")
     best = max((k for k in results if k != llmgine), key=lambda k: median_of(results[k], rate))
     ratio = median_of(results[llmgine], rate) / median_of(results[best], rate)
     lines.append(

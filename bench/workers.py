@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +66,14 @@ def tree_cpu_seconds(root: int) -> float:
 
 @dataclass
 class Worker:
-    """A ``celery worker`` subprocess of one side."""
+    """A subprocess of one side: a ``celery worker``, or another consumer."""
 
     label: str
     node: str
     process: subprocess.Popen[bytes]
     log_path: Path
     log: IO[bytes]
+    terminating: bool = False
 
     def cpu_seconds(self) -> float:
         self.check_alive()
@@ -90,11 +91,17 @@ class Worker:
         text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return "\n".join(text) or f"(empty log {self.log_path})"
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (once) without waiting for it."""
+        if self.process.poll() is None and not self.terminating:
+            self.terminating = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         """Warm shutdown; its whole session is killed if that takes too long."""
         try:
             if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
+                self.terminate()
                 try:
                     self.process.wait(15)
                 except subprocess.TimeoutExpired:
@@ -104,14 +111,26 @@ class Worker:
             self.log.close()
 
 
-def start_worker(label: str, app_spec: str, args: argparse.Namespace, logdir: Path) -> Worker:
-    """Start a worker of ``app_spec`` in its own session, logging to ``logdir``."""
+def start_worker(
+    label: str,
+    app_spec: str,
+    args: argparse.Namespace,
+    logdir: Path,
+    queues: Sequence[str] = (),
+) -> Worker:
+    """Start a worker of ``app_spec`` (on ``queues`` if given) in its own session."""
     node = f"bench-{label}-{os.getpid()}@{socket.gethostname()}"
     command = [
         *(sys.executable, "-m", "celery", "-A", app_spec, "worker"),
         *("-P", args.pool, "-c", str(args.concurrency), "-l", "WARNING", "-n", node),
         *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+        *(("-Q", ",".join(queues)) if queues else ()),
     ]
+    return start_process(label, node, command, logdir)
+
+
+def start_process(label: str, node: str, command: Sequence[str], logdir: Path) -> Worker:
+    """Start ``command`` from the repository root in its own session, logging to ``logdir``."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
@@ -142,19 +161,35 @@ def wait_ready(worker: Worker, celery_app: Any) -> None:
 
 @contextmanager
 def running_workers(
-    specs: Sequence[tuple[str, str, Any]], args: argparse.Namespace, logdir: Path
+    specs: Sequence[tuple[str, str, Any]],
+    args: argparse.Namespace,
+    logdir: Path,
+    queues: Mapping[str, Sequence[str]] | None = None,
 ) -> Iterator[dict[str, Worker]]:
-    """Start a worker per (label, app spec, Celery app), wait for all, stop them after."""
+    """Start a worker per (label, app spec, Celery app), wait for all, stop them after.
+
+    ``queues`` names the queues (``-Q``) of some labels; the others consume their defaults.
+    """
     workers: dict[str, Worker] = {}
     try:
         for label, app_spec, _ in specs:
-            workers[label] = start_worker(label, app_spec, args, logdir)
+            workers[label] = start_worker(
+                label, app_spec, args, logdir, (queues or {}).get(label, ())
+            )
         for label, _, celery_app in specs:
             wait_ready(workers[label], celery_app)
         yield workers
     finally:
-        for worker in workers.values():
-            worker.stop()
+        stop_all(workers.values())
+
+
+def stop_all(workers: Iterable[Worker]) -> None:
+    """Stop workers at the same time (a warm shutdown can take seconds each)."""
+    workers = list(workers)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.stop()
 
 
 def prepare_queues(celery_app: Any) -> None:
@@ -162,16 +197,34 @@ def prepare_queues(celery_app: Any) -> None:
     with celery_app.connection_for_write() as conn:
         channel = conn.default_channel
         for queue in celery_app.conf.task_queues:
-            bound = queue(channel)
-            bound.declare()
-            _, _, consumers = bound.queue_declare(passive=True)
-            if consumers:
-                raise BenchError(
-                    f"queue {queue.name} already has {consumers} consumer(s) on this broker; "
-                    "stop them or point --broker at another vhost"
-                )
-            bound.purge()
+            claim_queue(queue(channel))
+
+
+def claim_queue(bound: Any) -> None:
+    """Declare a kombu queue bound to a channel and purge it; refuse one someone consumes."""
+    bound.declare()
+    _, _, consumers = bound.queue_declare(passive=True)
+    if consumers:
+        raise BenchError(
+            f"queue {bound.name} already has {consumers} consumer(s) on this broker; "
+            "stop them or point --broker at another vhost"
+        )
+    bound.purge()
 
 
 def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def configure_environment(args: argparse.Namespace) -> None:
+    """Only the settings given here reach the llmgine apps, here and in the workers."""
+    for key in [k for k in os.environ if k.startswith("LLMGINE_")]:
+        del os.environ[key]
+    os.environ["LLMGINE_BROKER_URL"] = args.broker
+    os.environ["LLMGINE_RESULT_BACKEND"] = args.backend
+    os.environ["LLMGINE_EMBEDDED_WORKER"] = "false"
+
+
+def log(message: str) -> None:
+    """Progress, on stderr (tables go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
