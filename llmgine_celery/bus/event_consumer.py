@@ -87,6 +87,7 @@ class GroupDispatcher:
                     body,
                     queue=topology.handler_queue_name(self._group),
                     headers=headers,
+                    ignore_result=True,
                     producer=producer,
                 )
         message.ack()

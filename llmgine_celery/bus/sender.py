@@ -37,9 +37,14 @@ class TaskSender:
         *,
         queue: str | None = None,
         headers: dict[str, Any] | None = None,
+        ignore_result: bool = False,
         producer: Any = None,
     ) -> None:
-        """Publish task ``name`` with the envelope as its one argument."""
+        """Publish task ``name`` with the envelope as its one argument.
+
+        ``ignore_result`` travels in the message and overrides the task's own
+        setting in the worker, so it must be given for tasks without results.
+        """
         celery = self._celery
         key = (name, queue)
         options, first = self._route(key)
@@ -55,6 +60,7 @@ class TaskSender:
             parent_id=parent_id,
             argsrepr=f"<{envelope['type']} {envelope['data'].get('id')}>",
             kwargsrepr="{}",
+            ignore_result=ignore_result,
         )
         with celery.producer_or_acquire(producer) as pooled:
             celery.amqp.send_task_message(pooled, name, message, headers=headers, **options)

@@ -185,6 +185,9 @@ def test_every_group_handles_every_event_with_its_fields_and_ids(cluster: Cluste
     assert alpha[0]["session_id"] == beta[0]["session_id"] == "s-42"
     assert alpha[0]["pid"] in cluster.workers["alpha"][0].pids
     assert beta[0]["pid"] in cluster.workers["beta"][0].pids
+    # Handler runs keep no result: nobody waits for one.
+    task_id = topology.handler_task_id(event.id, "alpha", "said")
+    assert cluster.producer.celery.backend.get_task_meta(task_id)["status"] == "PENDING"
 
 
 def test_a_handler_can_execute_commands_and_publish_events(cluster: Cluster) -> None:
