@@ -12,6 +12,7 @@ from celery.backends.redis import RedisBackend
 from kombu.entity import Exchange, Queue
 
 from llmgine_celery.bus import topology
+from llmgine_celery.bus.result_backend import llmgine_redis_backend
 from llmgine_celery.errors import ConfigurationError
 from llmgine_celery.settings import Settings
 
@@ -37,28 +38,15 @@ DEFAULTS: dict[str, Any] = {
 
 
 class LLMgineCelery(Celery):
-    """Celery, but a send does not also subscribe Celery's own result consumer.
-
-    Celery's Redis backend subscribes its synchronous pub/sub to every task it
-    sends (``on_task_call``), and never reads those channels unless ``.get()``
-    is called, so results pile up in its socket. Our waiters subscribe on
-    their own; Celery's ``.get()`` still subscribes when it is used.
-    """
+    """Celery with llmgine's Redis result backend (see ``result_backend``)."""
 
     def _get_backend(self) -> Any:
         backend_cls, url = backends.by_url(
             self.backend_cls or self.conf.result_backend, self.loader
         )
         if isinstance(backend_cls, type) and issubclass(backend_cls, RedisBackend):
-            backend_cls = _quiet_redis_backend(backend_cls)
+            backend_cls = llmgine_redis_backend(backend_cls)
         return backend_cls(app=self, url=url)
-
-
-def _quiet_redis_backend(cls: type[RedisBackend]) -> type[RedisBackend]:
-    def on_task_call(self: RedisBackend, producer: Any, task_id: str) -> None:
-        return None
-
-    return type(f"LLMgine{cls.__name__}", (cls,), {"on_task_call": on_task_call})
 
 
 def transport_of(url: str) -> str:

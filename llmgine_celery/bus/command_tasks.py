@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmgine_celery.bus import results
 from llmgine_celery.bus.registry import CommandRoute, HandlerRegistry
+from llmgine_celery.bus.result_backend import first_delivery
 from llmgine_celery.bus.runtime import call_handler
 from llmgine_celery.errors import MessageError
 
@@ -40,7 +41,15 @@ def register_command_task(celery: Celery, registry: HandlerRegistry, route: Comm
         return celery.tasks[route.task_name]
 
     def command_task(self: Task, envelope: Any) -> dict[str, Any]:
-        return run_command(registry, self.request.id or "", envelope)
+        task_id = self.request.id or ""
+        if not first_delivery(self.request):
+            # A copy of a command that may have run: a stored success stands.
+            meta = self.backend.get_task_meta(task_id)
+            if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
+                logger.info("command %s already succeeded; not running it again", task_id)
+                stored: dict[str, Any] = meta["result"]
+                return stored
+        return run_command(registry, task_id, envelope)
 
     command_task.__doc__ = f"Run the handler of {route.command_type.__name__} commands."
     # No ``queue`` option (deprecated in Celery 6): MessageBus passes the
