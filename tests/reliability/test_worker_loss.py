@@ -19,7 +19,7 @@ from tests.support import DEPLOYMENTS, ensure_test_vhost, require_service, start
 pytestmark = pytest.mark.reliability
 
 CONFIG = "tests.reliability.fast_redelivery"
-#: its own Redis database: a 2 s visibility timeout would also hand back other
+#: its own Redis database: a 5 s visibility timeout would also hand back other
 #: tests' in-flight messages in a shared one
 REDIS_DB_URL = "redis://127.0.0.1:6379/12"
 
@@ -51,7 +51,7 @@ def test_a_command_whose_worker_dies_runs_again_on_another(
     first = start_worker(
         "tests.integration.apps:celery", broker, backend, pool="threads", log_dir=tmp_path, env=env
     )
-    command = Marked(seconds=3)
+    command = Marked(seconds=2)  # shorter than the visibility timeout
 
     outcome_error: str | None = None
 
