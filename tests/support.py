@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 from celery import Celery
 
+from llmgine_celery import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: tests use their own RabbitMQ vhost and Redis databases, so they neither see
@@ -64,6 +66,18 @@ def require_service(url: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def producer_settings(broker_name: str, data_dir: Path) -> Settings:
+    """Settings of a producer (no embedded worker) on a test deployment whose servers answer."""
+    broker, backend = DEPLOYMENTS[broker_name]
+    require_service(broker)
+    require_service(backend)
+    if broker_name == "rabbitmq":
+        ensure_test_vhost()
+    return Settings(
+        broker_url=broker, result_backend=backend, embedded_worker=False, data_dir=data_dir
+    )
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -16,8 +16,7 @@ from tests.integration.apps import APP_NAME, SPECIAL_QUEUE, IntegrationApp
 from tests.support import (
     DEPLOYMENTS,
     WorkerProcess,
-    ensure_test_vhost,
-    require_service,
+    producer_settings,
     start_worker,
 )
 
@@ -79,12 +78,10 @@ def deployment(
     """The integration app with a real worker process, per broker and pool."""
     broker_name, pool = request.param
     broker, backend = DEPLOYMENTS[broker_name]
-    require_service(broker)
-    require_service(backend)
-    if broker_name == "rabbitmq":
-        ensure_test_vhost()
     tmp = tmp_path_factory.mktemp(f"{broker_name}-{pool}")
-    app = producer_app(broker, backend, tmp)
+    app = IntegrationApp(
+        ApplicationConfig(name=APP_NAME, settings=producer_settings(broker_name, tmp))
+    )
     purge(app)
     worker = start_worker(
         "tests.integration.apps:celery", broker, backend, pool=pool, concurrency=4, log_dir=tmp

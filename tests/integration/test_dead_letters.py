@@ -14,7 +14,7 @@ import pytest
 from kombu.connection import Connection
 from kombu.messaging import Producer
 
-from llmgine_celery import ApplicationConfig, Settings
+from llmgine_celery import ApplicationConfig
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.celery_app import transport_of
 from llmgine_celery.bus.dead_letter_admin import list_dead_letters, purge_dead_letters
@@ -41,8 +41,7 @@ from tests.support import (
     REPO,
     WorkerProcess,
     clean_env,
-    ensure_test_vhost,
-    require_service,
+    producer_settings,
     start_worker,
 )
 
@@ -116,14 +115,8 @@ def bench(
 ) -> Iterator[Bench]:
     broker_name = request.param
     broker, backend = DEPLOYMENTS[broker_name]
-    require_service(broker)
-    require_service(backend)
-    if broker_name == "rabbitmq":
-        ensure_test_vhost()
     tmp = tmp_path_factory.mktemp(f"dead-letters-{broker_name}")
-    settings = Settings(
-        broker_url=broker, result_backend=backend, embedded_worker=False, data_dir=tmp
-    )
+    settings = producer_settings(broker_name, tmp)
     producer = Replayer(ApplicationConfig(name=GROUP, settings=settings))
     producer.declare()
     purge_dead_letters(producer.celery)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 from kombu import Connection, Producer
 
-from llmgine_celery import ApplicationConfig, Settings
+from llmgine_celery import ApplicationConfig
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.celery_app import transport_of
 from llmgine_celery.bus.dead_letters import DeadLetter, dead_letter_queue, parse_dead_letter
@@ -26,8 +26,7 @@ from tests.support import (
     REPO,
     WorkerProcess,
     clean_env,
-    ensure_test_vhost,
-    require_service,
+    producer_settings,
     start_worker,
 )
 
@@ -136,14 +135,8 @@ def cluster(
 ) -> Iterator[Cluster]:
     broker_name = request.param
     broker, backend = DEPLOYMENTS[broker_name]
-    require_service(broker)
-    require_service(backend)
-    if broker_name == "rabbitmq":
-        ensure_test_vhost()
     tmp = tmp_path_factory.mktemp(f"events-{broker_name}")
-    settings = Settings(
-        broker_url=broker, result_backend=backend, embedded_worker=False, data_dir=tmp
-    )
+    settings = producer_settings(broker_name, tmp)
     producer = Alpha(ApplicationConfig(name="alpha", settings=settings))
     producer.declare()
     purge_everything(producer)
