@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,16 +11,21 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from celery import Celery
 
 from llmgine_celery import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+T = TypeVar("T")
 
 #: tests use their own RabbitMQ vhost and Redis databases, so they neither see
 #: nor purge the queues of anything else running on the same servers
@@ -54,6 +60,59 @@ def ensure_test_vhost() -> None:
         done = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr}")
+
+
+def wait_for(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def connections_named(broker_name: str, celery: Celery, name: str) -> Iterator[None]:
+    """Name the connections ``celery`` opens meanwhile, so the server can tell them apart."""
+    conf = celery.conf
+    options = conf.broker_transport_options
+    named = (
+        {"client_name": name}
+        if broker_name == "redis"
+        else {"client_properties": {"connection_name": name}}
+    )
+    conf.broker_transport_options = {**options, **named}
+    try:
+        yield
+    finally:
+        conf.broker_transport_options = options
+
+
+def close_connections(broker_name: str, name: str) -> None:
+    """Close the connections named ``name`` on the server, as a broker restart would."""
+    if broker_name == "redis":
+        with redis.Redis.from_url(REDIS_BROKER_URL) as client:
+
+            def named() -> list[dict[str, Any]]:
+                return [c for c in client.client_list() if c["name"] == name]
+
+            # The connection that waits in BRPOP opens with the first wait for a message.
+            wait_for(lambda: any(c["cmd"] == "brpop" for c in named()), what="the BRPOP")
+            for found in named():
+                client.client_kill_filter(_id=found["id"])
+        return
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None or "TEST_RABBITMQ_URL" in os.environ:
+        pytest.skip("closing a RabbitMQ connection needs rabbitmqctl on this machine")
+    command = [ctl, "-q", "list_connections", "pid", "client_properties"]
+    listed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    for line in listed.stdout.splitlines():
+        if f'{{"connection_name","{name}"}}' in line:
+            pid = line.split("\t", 1)[0]
+            subprocess.run([ctl, "-q", "close_connection", pid, "test"], check=True, timeout=60)
 
 
 def require_service(url: str) -> None:

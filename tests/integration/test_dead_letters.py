@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,24 +42,13 @@ from tests.support import (
     clean_env,
     producer_settings,
     start_worker,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 APP = "tests.integration.replay_apps:replayer"
-
-
-def wait_for(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def runs(event_id: str) -> list[dict[str, Any]]:

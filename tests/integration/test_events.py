@@ -6,8 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from tests.support import (
     clean_env,
     producer_settings,
     start_worker,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,18 +40,6 @@ QUEUES = {
     "beta": [topology.handler_queue_name("beta"), "beta.commands"],
     "gamma": [topology.handler_queue_name("gamma")],
 }
-
-
-def wait_for(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def seen(group: str, handler: str, event_id: str | None = None) -> list[dict[str, Any]]:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import redis
@@ -35,7 +31,14 @@ from llmgine_celery.bus.events import events_exchange, publish_event
 from llmgine_celery.bus.subscriptions import Subscription, subscribe
 from llmgine_celery.messages.envelope import encode
 from llmgine_celery.messages.events import Event
-from tests.support import DEPLOYMENTS, REDIS_BROKER_URL, ensure_test_vhost, require_service
+from tests.support import (
+    DEPLOYMENTS,
+    REDIS_BROKER_URL,
+    close_connections,
+    connections_named,
+    ensure_test_vhost,
+    require_service,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -304,56 +307,15 @@ def test_the_queue_is_deleted_when_the_streaming_task_is_cancelled(broker: Broke
     assert gone(broker, subscription.queue.name)
 
 
-@contextlib.contextmanager
-def connections_named(broker: Broker, name: str) -> Iterator[None]:
-    """Name the connections opened meanwhile, so the server can tell them apart."""
-    conf = broker.app.celery.conf
-    options = conf.broker_transport_options
-    named = (
-        {"client_name": name}
-        if broker.name == "redis"
-        else {"client_properties": {"connection_name": name}}
-    )
-    conf.broker_transport_options = {**options, **named}
-    try:
-        yield
-    finally:
-        conf.broker_transport_options = options
-
-
-def close_connections(broker: Broker, name: str) -> None:
-    """Close the connections named ``name`` on the server, as a broker restart would."""
-    if broker.name == "redis":
-        with redis.Redis.from_url(REDIS_BROKER_URL) as client:
-
-            def named() -> list[dict[str, Any]]:
-                return [c for c in client.client_list() if c["name"] == name]
-
-            # The connection that waits in BRPOP opens with the first wait for a message.
-            assert eventually(lambda: any(c["cmd"] == "brpop" for c in named()))
-            for found in named():
-                client.client_kill_filter(_id=found["id"])
-        return
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None or "TEST_RABBITMQ_URL" in os.environ:
-        pytest.skip("closing a RabbitMQ connection needs rabbitmqctl on this machine")
-    command = [ctl, "-q", "list_connections", "pid", "client_properties"]
-    listed = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    for line in listed.stdout.splitlines():
-        if f'{{"connection_name","{name}"}}' in line:
-            pid = line.split("\t", 1)[0]
-            subprocess.run([ctl, "-q", "close_connection", pid, "test"], check=True, timeout=60)
-
-
 def test_a_lost_connection_ends_the_stream_with_an_error(broker: Broker, sid: str) -> None:
     async def scenario() -> str:
         async with broker.subscribe(Streamed) as events:
-            await asyncio.to_thread(close_connections, broker, sid)
+            await asyncio.to_thread(close_connections, broker.name, sid)
             with pytest.raises(BrokerUnavailableError, match="is unavailable to"):
                 await asyncio.wait_for(anext(events), WAIT)
             return str(events.queue.name)
 
-    with connections_named(broker, sid):
+    with connections_named(broker.name, broker.app.celery, sid):
         assert gone(broker, asyncio.run(scenario()))
 
 
