@@ -25,9 +25,8 @@ async def main() -> None:
         count = await app.message_bus.execute(CountTokens(text="one two three four"))
         print(f"CountTokens -> success={count.success} result={count.result!r}")
         handle = app.message_bus.send(CountTokens(text="sent now, fetched later"))
-        if hasattr(handle, "wait"):
-            later = await handle.wait(timeout=30)
-            print(f"send + fetch by id {handle.command_id} -> result={later.result!r}")
+        later = await handle.wait(timeout=30)
+        print(f"send + fetch by id {handle.command_id} -> result={later.result!r}")
         print(f"demo: handled in worker process {os.getpid()} (embedded worker)")
     finally:
         await app.shutdown()

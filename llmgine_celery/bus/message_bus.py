@@ -42,14 +42,20 @@ class CommandHandle:
     command_id: str
     command_type: str
     bus: MessageBus
+    #: the result already known when sending (no worker can handle the type)
+    ready: CommandResult | None = None
 
     def get(self, timeout: float | None = None) -> CommandResult:
         """Wait (blocking) for the result."""
-        return self.bus.fetch_result_sync(self.command_id, timeout=timeout)
+        if self.ready is not None:
+            return self.ready
+        return self.bus.fetch_result_sync(self.command_id, timeout, self.command_type)
 
     async def wait(self, timeout: float | None = None) -> CommandResult:
         """Wait (without blocking the loop) for the result."""
-        return await self.bus.fetch_result(self.command_id, timeout=timeout)
+        if self.ready is not None:
+            return self.ready
+        return await self.bus.fetch_result(self.command_id, timeout, self.command_type)
 
 
 class MessageBus:
@@ -86,7 +92,7 @@ class MessageBus:
     async def execute(self, command: Command, timeout: float | None = None) -> CommandResult:
         """Run ``command`` on a worker and return its result; never raises for handler failures."""
         envelope = encode(command)  # a bad payload fails here, before anything is sent
-        wait_for = timeout or self._settings.command_timeout
+        wait_for = self._timeout(timeout)
         missing = self._missing_handler(command)
         if missing is not None:
             return missing
@@ -104,29 +110,25 @@ class MessageBus:
 
     def execute_sync(self, command: Command, timeout: float | None = None) -> CommandResult:
         """``execute`` for code without an event loop (web views, scripts)."""
-        handle = self.send(command)
-        if isinstance(handle, CommandResult):
-            return handle
-        return self.fetch_result_sync(handle.command_id, timeout, handle.command_type)
+        return self.send(command).get(timeout)
 
-    def send(self, command: Command) -> CommandHandle | CommandResult:
+    def send(self, command: Command) -> CommandHandle:
         """Only enqueue ``command``; the handle fetches its result later.
 
-        Returns a failed result at once instead when no worker can have a
-        handler (the embedded default, with no handler registered here).
+        When no worker can have a handler (the embedded default, with none
+        registered here), nothing is sent and the handle holds the failure.
         """
         envelope = encode(command)
         missing = self._missing_handler(command)
-        if missing is not None:
-            return missing
-        self._send(command, envelope)
-        return CommandHandle(command.id, envelope["type"], self)
+        if missing is None:
+            self._send(command, envelope)
+        return CommandHandle(command.id, envelope["type"], self, ready=missing)
 
     async def fetch_result(
         self, command_id: str, timeout: float | None = None, command_type: str = "command"
     ) -> CommandResult:
         """The result of a command sent earlier, from any process, by id."""
-        wait_for = timeout or self._settings.command_timeout
+        wait_for = self._timeout(timeout)
         waiter = self._waiter()
         waiter.expect(command_id)
         meta = await waiter.wait(command_id, wait_for)
@@ -138,7 +140,7 @@ class MessageBus:
         self, command_id: str, timeout: float | None = None, command_type: str = "command"
     ) -> CommandResult:
         """``fetch_result`` without an event loop."""
-        wait_for = timeout or self._settings.command_timeout
+        wait_for = self._timeout(timeout)
         async_result = self.celery.AsyncResult(command_id)
         try:
             async_result.get(timeout=wait_for, propagate=False, disable_sync_subtasks=False)
@@ -192,6 +194,9 @@ class MessageBus:
             self._confirms.close()
 
     # -- internals --------------------------------------------------------
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self._settings.command_timeout if timeout is None else timeout
 
     def _missing_handler(self, command: Command) -> CommandResult | None:
         if self._local_only and self._registry.command_route(type(command)) is None:

@@ -155,14 +155,13 @@ def test_execute_sync_and_send_work_without_an_event_loop(deployment: Deployment
     result = bus.execute_sync(WhereAmI(tag="sync"), timeout=30)
     assert result.success and result.result["tag"] == "sync"
     handle = bus.send(WhereAmI(tag="later"))
-    assert not isinstance(handle, CommandResult)
+    assert handle.ready is None
     assert handle.get(timeout=30).result["tag"] == "later"
     assert deployment.run(handle.wait(timeout=30)).result["tag"] == "later"
 
 
 def test_a_result_can_be_fetched_by_id_from_another_process(deployment: Deployment) -> None:
     handle = deployment.app.message_bus.send(WhereAmI(tag="elsewhere"))
-    assert not isinstance(handle, CommandResult)
     broker, backend = deployment.app.settings.broker(), deployment.app.settings.backend()
     script = (
         "import asyncio, sys\n"

@@ -101,3 +101,18 @@ def test_two_applications_do_not_share_a_celery_app(tmp_path: Path) -> None:
     second = PingApp(ApplicationConfig(name="two", settings=embedded(tmp_path)))
     assert first.celery is not second.celery
     assert "llmgine.event.one.on_pinged" not in second.celery.tasks
+
+
+@dataclass
+class Unhandled(Command):
+    text: str
+
+
+def test_on_the_embedded_default_a_type_without_handler_fails_at_once(tmp_path: Path) -> None:
+    app = PingApp(ApplicationConfig(settings=embedded(tmp_path)))
+    handle = app.message_bus.send(Unhandled(text="x"))  # nothing is sent: no worker could run it
+    result = handle.get(timeout=0.1)
+    assert handle.ready is result
+    assert not result.success and "Unhandled" in (result.error or "")
+    again = app.message_bus.execute_sync(Unhandled(text="y"))
+    assert not again.success and again.error == result.error
