@@ -14,7 +14,6 @@ from llmgine_celery.errors import (
     MessageValidationError,
     RegistrationError,
     UnknownMessageTypeError,
-    UnsafeContentError,
 )
 from llmgine_celery.messages import Command, CommandResult, Event
 from llmgine_celery.observability import LogLevel, ObservabilityBus
@@ -46,5 +45,4 @@ __all__ = [
     "RegistrationError",
     "Settings",
     "UnknownMessageTypeError",
-    "UnsafeContentError",
 ]

@@ -44,10 +44,6 @@ class UnknownMessageTypeError(MessageError):
     """An envelope names a type this application has not registered."""
 
 
-class UnsafeContentError(MessageError):
-    """A message arrived in a content type other than JSON (pickle is refused)."""
-
-
 class DeadLetterError(LLMgineError):
     """A dead-letter operation asked for something the queue cannot give."""
 
