@@ -18,7 +18,7 @@ from kombu.messaging import Consumer
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.dead_letters import INVALID_MESSAGE, DeadLetter, raw_text, send_dead_letter
-from llmgine_celery.bus.events import group_queue
+from llmgine_celery.bus.events import event_headers, group_queue
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.bus.sender import TaskSender
 from llmgine_celery.errors import MessageError, UnknownMessageTypeError
@@ -78,7 +78,7 @@ class GroupDispatcher:
         except (MessageError, ValueError, TypeError) as exc:
             self._reject(message, f"invalid event: {exc}", f"{type(exc).__name__}: {exc}")
             return
-        headers = {topology.HEADER_EVENT_ID: event.id, topology.HEADER_SESSION_ID: event.session_id}
+        headers = event_headers(body)
         with self._celery.producer_or_acquire() as producer:
             for route in self._registry.event_routes_for(self._group, event):
                 self._sender.send(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -204,32 +206,31 @@ class MessageBus:
         return None
 
     def _send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
-        try:
+        with self._broker_errors():
             self._sender.send(command, envelope, producer)
-        except (OperationalError, OSError) as exc:
-            raise self._unavailable(exc) from exc
 
     def _publish(self, envelope: Envelope, producer: Any = None) -> Confirmation | None:
-        try:
+        with self._broker_errors():
             if self._confirms is None:
                 publish_event(self.celery, self._transport, envelope, producer)
                 return None
             confirm = self._confirms.publish(
                 envelope, event_headers(envelope), topology.EVENTS_ROUTING_KEY
             )
-        except (OperationalError, OSError) as exc:
-            raise self._unavailable(exc) from exc
         return functools.partial(self._confirmed, confirm)
 
     def _confirmed(self, confirm: Confirmation) -> None:
-        try:
+        with self._broker_errors():
             confirm()
-        except (OperationalError, OSError) as exc:
-            raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: Exception) -> BrokerUnavailableError:
-        url = redact_url(self._settings.broker())
-        return BrokerUnavailableError(f"broker {url} is unavailable: {exc}")
+    @contextlib.contextmanager
+    def _broker_errors(self) -> Iterator[None]:
+        """Broker trouble, raised as one typed error naming the (redacted) URL."""
+        try:
+            yield
+        except (OperationalError, OSError) as exc:
+            url = redact_url(self._settings.broker())
+            raise BrokerUnavailableError(f"broker {url} is unavailable: {exc}") from exc
 
     def _waiter(self) -> ResultWaiter:
         loop = asyncio.get_running_loop()

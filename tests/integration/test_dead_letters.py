@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kombu.connection import Connection
@@ -47,7 +47,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 APP = "tests.integration.replay_apps:replayer"
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kombu import Connection, Producer
@@ -32,7 +32,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 GROUPS = ("alpha", "beta", "gamma")
 #: Celery queues each group's workers consume (beta alone serves the Shout command)
 QUEUES = {
