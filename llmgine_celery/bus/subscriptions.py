@@ -238,9 +238,24 @@ class Subscription(Generic[E]):
         try:
             queue.delete()
         except Exception as exc:  # RabbitMQ drops an exclusive queue with its connection
-            logger.warning("could not delete %s: %r", queue.name, exc)
+            if not self._no_ack or not self._delete_afresh(queue):
+                logger.warning("could not delete %s: %r", queue.name, exc)
         # Leaving the block need not wait for the rest (up to a second on Redis).
         self._call(_settle, self._stopped, None)
+
+    def _delete_afresh(self, queue: Any) -> bool:
+        # A Redis connection lost mid-stream leaves the binding behind: the server
+        # does not drop it with the client, so delete it over a new connection.
+        # kombu deletes only the bindings its connection knows, hence the declare.
+        try:
+            with self._celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+                fresh = queue(conn.default_channel)
+                fresh.declare()
+                fresh.delete()
+        except Exception:
+            return False
+        return True
 
     def _on_message(self, body: Any, message: Any) -> None:
         # Acked once skipped or buffered; while the buffer is full, the broker holds
