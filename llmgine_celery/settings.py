@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmgine_celery.errors import ConfigurationError
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # hide_input_in_errors: a rejected URL may carry a password
     model_config = SettingsConfigDict(
-        env_prefix="LLMGINE_", extra="ignore", hide_input_in_errors=True
+        env_prefix="LLMGINE_", extra="ignore", hide_input_in_errors=True, populate_by_name=True
     )
 
     #: broker URL; unset means the embedded default (filesystem broker in ``data_dir``)
@@ -60,12 +60,80 @@ class Settings(BaseSettings):
     #: event messages larger than this are dead-lettered unread
     max_message_bytes: int = Field(default=1024 * 1024, gt=0)
 
+    # -- observability ------------------------------------------------------
+    #: folder of the JSONL logs (default: ``<data_dir>/logs``)
+    log_dir: Path | None = None
+    #: lowest level written to the JSONL file and the console (DEBUG adds task.received/sent)
+    log_level: str = "INFO"
+    #: write JSONL records (one file per service, rotated by size)
+    log_jsonl: bool = True
+    #: also print records on stderr
+    log_console: bool = False
+    #: bytes after which a JSONL file rotates (0: never)
+    log_max_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+    #: rotated JSONL files kept
+    log_backups: int = Field(default=5, ge=1)
+    #: collect Prometheus metrics
+    metrics: bool = True
+    #: a worker serves ``/metrics`` on this port (unset: no HTTP server)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: address the metrics server binds to
+    metrics_host: str = "127.0.0.1"
+    #: folder of prometheus-client's multiprocess files (default: ``<data_dir>/metrics``)
+    metrics_dir: Path | None = None
+    #: Sentry DSN (``SENTRY_DSN`` or ``LLMGINE_SENTRY_DSN``); unset: no Sentry
+    sentry_dsn: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SENTRY_DSN", "LLMGINE_SENTRY_DSN")
+    )
+    #: Sentry environment tag (``SENTRY_ENVIRONMENT`` or ``LLMGINE_SENTRY_ENVIRONMENT``)
+    sentry_environment: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SENTRY_ENVIRONMENT", "LLMGINE_SENTRY_ENVIRONMENT"),
+    )
+    #: share of traces sent to Sentry
+    sentry_traces_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    #: report beat entries as Sentry crons
+    sentry_monitor_beat_tasks: bool = False
+    #: also publish CommandStartedEvent / CommandResultEvent as events (two per command)
+    command_events: bool = False
+
     @field_validator("broker_url", "result_backend", mode="after")
     @classmethod
     def _has_scheme(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and "://" not in value.get_secret_value():
             raise ValueError(f"{redact_url(value.get_secret_value())!r} is not a URL")
         return value
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if value.upper() not in levels:
+            raise ValueError(f"log level {value!r} is not one of {', '.join(levels)}")
+        return value.upper()
+
+    @property
+    def logs(self) -> Path:
+        """The folder of the JSONL logs."""
+        return self.log_dir if self.log_dir is not None else self.data_dir / "logs"
+
+    @property
+    def metrics_folder(self) -> Path:
+        """The folder of prometheus-client's multiprocess files."""
+        return self.metrics_dir if self.metrics_dir is not None else self.data_dir / "metrics"
+
+    def secrets(self) -> list[str]:
+        """Secret values that must never appear in a record (URLs' passwords, the DSN)."""
+        found = []
+        for secret in (self.broker_url, self.result_backend, self.sentry_dsn):
+            if secret is None:
+                continue
+            value = secret.get_secret_value()
+            found.append(value)
+            match = _PASSWORD.match(value)
+            if match is not None and match["secret"]:
+                found.append(match["secret"])
+        return found
 
     @property
     def embedded(self) -> bool:

@@ -30,6 +30,12 @@ HEADER_COMMAND_ID = "llmgine_command_id"
 HEADER_EVENT_ID = "llmgine_event_id"
 HEADER_SESSION_ID = "llmgine_session_id"
 HEADER_MESSAGE_TYPE = "llmgine_type"
+#: correlation: the trace every record of one causal chain shares (32 hex digits)
+HEADER_TRACE_ID = "llmgine_trace_id"
+#: correlation: the span (16 hex digits) that sent the message
+HEADER_PARENT_SPAN_ID = "llmgine_parent_span_id"
+#: correlation: the id of the command or event being handled when the message was sent
+HEADER_CAUSATION_ID = "llmgine_causation_id"
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

@@ -9,6 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 logger = logging.getLogger("llmgine_celery.observability")
@@ -36,10 +37,16 @@ class Record:
 
 
 class Sink:
-    """Where records go. Subclasses override ``emit``; ``close`` is optional."""
+    """Where records and measurements go: a base class of documented no-op hooks."""
 
     def emit(self, record: Record) -> None:
-        """Handle one record."""
+        """Handle one record (every record, whatever its level: filter here)."""
+
+    def count(self, name: str, value: float, labels: Mapping[str, str]) -> None:
+        """Add ``value`` to the counter ``name`` with ``labels``."""
+
+    def observe(self, name: str, value: float, labels: Mapping[str, str]) -> None:
+        """Record ``value`` in the histogram ``name`` with ``labels``."""
 
     def close(self) -> None:
         """Release what the sink holds."""
