@@ -34,9 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "broker_connection_retry_on_startup": False,
     "result_expires": 24 * 3600,
     "worker_hijack_root_logger": False,
-    # task events feed Flower (and celery events / celery-exporter)
+    # task events feed Flower (and celery events / celery-exporter); "sent" events
+    # would cost producers a second publish per command, so they stay Celery's default
     "worker_send_task_events": True,
-    "task_send_sent_event": True,
 }
 
 
