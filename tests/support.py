@@ -217,6 +217,8 @@ def start_worker(
         "--without-mingle", "--without-gossip", *extra_args,
     ]  # fmt: skip
     worker_env = clean_env(LLMGINE_BROKER_URL=broker, LLMGINE_RESULT_BACKEND=backend, **(env or {}))
+    # logs and metrics files of this worker stay in the test's folder
+    worker_env.setdefault("LLMGINE_DATA_DIR", str(log_dir / f"{node.split('@')[0]}-data"))
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
     control = Celery("test-control", broker=broker, backend=backend, set_as_current=False)
