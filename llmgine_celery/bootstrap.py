@@ -11,18 +11,23 @@ from kombu.exceptions import OperationalError
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.celery_app import LLMgineCelery, build_celery, task_queues, transport_of
-from llmgine_celery.bus.command_tasks import register_command_task
+from llmgine_celery.bus.command_tasks import CommandHooks, register_command_task
+from llmgine_celery.bus.correlation import from_headers, outgoing_headers
 from llmgine_celery.bus.dead_letters import DeadLetter
 from llmgine_celery.bus.embedded import EmbeddedWorker
 from llmgine_celery.bus.event_consumer import event_consumer_step
-from llmgine_celery.bus.events import declare_groups
+from llmgine_celery.bus.events import declare_groups, event_headers, publish_event
 from llmgine_celery.bus.handler_tasks import register_handler_task
 from llmgine_celery.bus.message_bus import MessageBus
 from llmgine_celery.bus.registry import CommandRoute, EventRoute, HandlerRegistry, RetryPolicy
 from llmgine_celery.errors import BrokerUnavailableError, ConfigurationError
 from llmgine_celery.messages.commands import Command
+from llmgine_celery.messages.envelope import encode
 from llmgine_celery.messages.events import Event
-from llmgine_celery.observability import LogLevel, ObservabilityBus
+from llmgine_celery.observability import LogLevel, ObservabilityBus, records, signals
+from llmgine_celery.observability.bus import Record
+from llmgine_celery.observability.observer import TaskObserver
+from llmgine_celery.observability.setup import configure, metrics_hooks
 from llmgine_celery.settings import Settings, redact_url
 
 C = TypeVar("C", bound=Command)
@@ -41,6 +46,8 @@ class ApplicationConfig:
     embedded_concurrency: int = 4
     #: seconds ``shutdown()`` waits for the embedded worker to finish queued work
     shutdown_timeout: float = 30.0
+    #: extra keyword arguments of ``sentry_sdk.init`` (release, transport, ...)
+    sentry_options: dict[str, Any] | None = None
 
 
 class ApplicationBootstrap:
@@ -62,6 +69,9 @@ class ApplicationBootstrap:
         self._message_bus: MessageBus | None = None
         self._worker: EmbeddedWorker | None = None
         self._hooks_ran = False
+        self._sentry: Any = None
+        #: (group, handler) of each handler task, for the observer
+        self._handler_names: dict[str, tuple[str, str]] = {}
 
     # -- hooks a subclass overrides ----------------------------------------
 
@@ -113,9 +123,13 @@ class ApplicationBootstrap:
         """The application's Celery app, with a task per command type and handler."""
         if self._celery is None:
             self._run_hooks()
+            # Sentry first: its Celery integration must patch before workers load
+            self._sentry = self._start_sentry()
+            configure(self.obs_bus, self.settings)
             extra = {r.queue for r in self._registry.command_routes if r.queue}
             celery = build_celery(self.name, self.settings, self._groups(), extra)
             self._celery = celery
+            self._observe(celery)
             for route in self._registry.command_routes:
                 self._install_command(route)
             for event_route in self._registry.event_routes:
@@ -141,6 +155,7 @@ class ApplicationBootstrap:
                 self._registry,
                 self.settings,
                 local_only=self.settings.embedded and self.settings.runs_embedded_worker,
+                obs=self.obs_bus,
             )
         return self._message_bus
 
@@ -194,26 +209,77 @@ class ApplicationBootstrap:
 
     def _install_command(self, route: CommandRoute) -> None:
         celery = self.celery
-        register_command_task(celery, self._registry, route)
+        register_command_task(celery, self._registry, route, self._command_hooks())
         if route.queue:
             self._refresh_queues()
 
     def _install_event(self, route: EventRoute) -> None:
+        self._handler_names[route.task_name] = (route.group, route.name)
         register_handler_task(
             self.celery, self._registry, route, self._transport(), self._on_dead_letter
         )
         self._refresh_queues()
 
     def _on_dead_letter(self, record: DeadLetter) -> None:
-        self.obs_bus.log(
-            LogLevel.WARNING,
-            "dead letter",
-            kind=record.kind,
-            reason=record.reason,
-            group=record.group,
-            handler=record.handler,
-            dead_letter_id=record.id,
+        event: dict[str, Any] = record.event if isinstance(record.event, dict) else {}
+        found = event.get("data")
+        data: dict[str, Any] = found if isinstance(found, dict) else {}
+        fields = {
+            "kind": record.kind,
+            "reason": record.reason,
+            "group": record.group,
+            "handler": record.handler,
+            "dead_letter_id": record.id,
+            "task_id": record.task_id,
+            "task_name": record.task_name,
+            "queue": record.queue,
+            "attempts": record.attempts,
+            "error": record.error,
+            "event_type": event.get("type"),
+            "event_id": data.get("id"),
+            "session_id": data.get("session_id"),
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self.obs_bus.emit(Record(LogLevel.WARNING, records.DEAD_LETTER, fields))
+
+    # -- observability -------------------------------------------------------
+
+    def _start_sentry(self) -> Any:
+        """The Sentry module once Sentry is initialised here, else None."""
+        if self.settings.sentry_dsn is None:
+            return None
+        from llmgine_celery.observability import sentry
+
+        if not sentry.init_sentry(self.settings, self.name, self.config.sentry_options):
+            return None
+        signals.add_header_source(sentry.trace_headers)
+        return sentry
+
+    def _observe(self, celery: LLMgineCelery) -> None:
+        observer = TaskObserver(
+            self.obs_bus,
+            command_prefix=topology.COMMAND_TASK_PREFIX,
+            handler_names=self._handler_names,
+            correlation_from=from_headers,
+            header_names=topology.CORRELATION_HEADERS,
+            on_started=self._sentry.set_tags if self._sentry is not None else None,
         )
+        signals.observe(celery, observer)
+        hooks = metrics_hooks(self.settings)
+        if hooks is not None:
+            signals.on_worker_ready(hooks[0])
+            signals.on_process_exit(hooks[1])
+
+    def _command_hooks(self) -> CommandHooks:
+        return CommandHooks(
+            on_error=self._sentry.capture_error if self._sentry is not None else None,
+            announce=self._announce if self.settings.command_events else None,
+        )
+
+    def _announce(self, event: Event) -> None:
+        envelope = encode(event)
+        headers = event_headers(envelope, outgoing_headers())
+        publish_event(self.celery, self._transport(), envelope, headers=headers)
 
     def _refresh_queues(self) -> None:
         extra = {r.queue for r in self._registry.command_routes if r.queue}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmgine_celery.bus import results
@@ -10,6 +13,9 @@ from llmgine_celery.bus.registry import CommandRoute, HandlerRegistry
 from llmgine_celery.bus.result_backend import first_delivery
 from llmgine_celery.bus.runtime import call_handler
 from llmgine_celery.errors import MessageError
+from llmgine_celery.messages.commands import Command
+from llmgine_celery.messages.events import Event
+from llmgine_celery.messages.system import CommandResultEvent, CommandStartedEvent
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -17,7 +23,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def run_command(registry: HandlerRegistry, task_id: str, envelope: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CommandHooks:
+    """What else happens around a command handler: error reporting, lifecycle events."""
+
+    #: called with a handler's exception (Sentry: the task itself succeeds)
+    on_error: Callable[[BaseException], None] | None = None
+    #: publishes CommandStartedEvent / CommandResultEvent when set
+    announce: Callable[[Event], None] | None = None
+
+
+def run_command(
+    registry: HandlerRegistry, task_id: str, envelope: Any, hooks: CommandHooks = CommandHooks()
+) -> dict[str, Any]:
     """Run the handler of the command in ``envelope``; always return a result."""
     try:
         command = registry.types.decode(envelope)
@@ -27,15 +45,48 @@ def run_command(registry: HandlerRegistry, task_id: str, envelope: Any) -> dict[
     route = registry.command_route(type(command))
     if route is None:
         return results.to_wire(results.no_handler(command.id, type(command).__name__))
+    started = time.perf_counter()
+    if hooks.announce is not None:
+        hooks.announce(_started_event(command, envelope))
     try:
-        outcome = call_handler(route.handler, command)
+        outcome = results.from_outcome(command, call_handler(route.handler, command))
     except Exception as exc:  # a handler failure is a result, not a task failure
         logger.info("handler of %s %s raised %r", type(command).__name__, command.id, exc)
-        return results.to_wire(results.from_exception(command.id, exc))
-    return results.to_wire(results.from_outcome(command, outcome))
+        if hooks.on_error is not None:
+            hooks.on_error(exc)
+        outcome = results.from_exception(command.id, exc)
+    wire = results.to_wire(outcome)
+    if hooks.announce is not None:
+        elapsed = round((time.perf_counter() - started) * 1000, 3)
+        hooks.announce(_result_event(command, envelope, wire, elapsed))
+    return wire
 
 
-def register_command_task(celery: Celery, registry: HandlerRegistry, route: CommandRoute) -> Task:
+def _started_event(command: Command, envelope: Any) -> CommandStartedEvent:
+    return CommandStartedEvent(
+        command_id=command.id, command_type=envelope["type"], session_id=command.session_id
+    )
+
+
+def _result_event(
+    command: Command, envelope: Any, wire: dict[str, Any], elapsed: float
+) -> CommandResultEvent:
+    return CommandResultEvent(
+        command_id=command.id,
+        command_type=envelope["type"],
+        success=bool(wire.get("success")),
+        error=wire.get("error"),
+        duration_ms=elapsed,
+        session_id=command.session_id,
+    )
+
+
+def register_command_task(
+    celery: Celery,
+    registry: HandlerRegistry,
+    route: CommandRoute,
+    hooks: CommandHooks = CommandHooks(),
+) -> Task:
     """Create (once) the Celery task serving ``route``'s command type."""
     if route.task_name in celery.tasks:
         return celery.tasks[route.task_name]
@@ -49,7 +100,7 @@ def register_command_task(celery: Celery, registry: HandlerRegistry, route: Comm
                 logger.info("command %s already succeeded; not running it again", task_id)
                 stored: dict[str, Any] = meta["result"]
                 return stored
-        return run_command(registry, task_id, envelope)
+        return run_command(registry, task_id, envelope, hooks)
 
     command_task.__doc__ = f"Run the handler of {route.command_type.__name__} commands."
     # No ``queue`` option (deprecated in Celery 6): MessageBus passes the

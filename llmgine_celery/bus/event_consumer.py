@@ -78,7 +78,7 @@ class GroupDispatcher:
         except (MessageError, ValueError, TypeError) as exc:
             self._reject(message, f"invalid event: {exc}", f"{type(exc).__name__}: {exc}")
             return
-        headers = event_headers(body)
+        headers = event_headers(body, _correlation(message.headers))
         with self._celery.producer_or_acquire() as producer:
             for route in self._registry.event_routes_for(self._group, event):
                 self._sender.send(
@@ -195,3 +195,16 @@ def event_consumer_step(
         "on_dead_letter": staticmethod(on_dead_letter),
     }
     return type("EventDispatchStep", (EventDispatchStep,), config)
+
+
+def _correlation(headers: Any) -> dict[str, Any]:
+    """The correlation headers of an event message, passed on to its handler tasks."""
+    if not isinstance(headers, dict):
+        return {}
+    wanted = (
+        topology.HEADER_TRACE_ID,
+        topology.HEADER_PARENT_SPAN_ID,
+        topology.HEADER_CAUSATION_ID,
+        topology.HEADER_SENT_AT,
+    )
+    return {key: headers[key] for key in wanted if key in headers}

@@ -8,6 +8,7 @@ handler (``handler_tasks``) to the group's handler queue.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kombu.entity import Exchange, Queue
@@ -37,17 +38,25 @@ def group_queue(group: str, transport: str) -> Queue:
     )
 
 
-def event_headers(envelope: Envelope) -> dict[str, Any]:
-    """Ids of an event envelope mirrored as message headers."""
+def event_headers(
+    envelope: Envelope, correlation: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Ids of an event envelope mirrored as message headers, with its correlation."""
     data = envelope["data"]
-    return {
-        topology.HEADER_MESSAGE_TYPE: envelope["type"],
-        topology.HEADER_EVENT_ID: data.get("id"),
-        topology.HEADER_SESSION_ID: data.get("session_id"),
-    }
+    headers = dict(correlation) if correlation else {}
+    headers[topology.HEADER_MESSAGE_TYPE] = envelope["type"]
+    headers[topology.HEADER_EVENT_ID] = data.get("id")
+    headers[topology.HEADER_SESSION_ID] = data.get("session_id")
+    return headers
 
 
-def publish_event(celery: Celery, transport: str, envelope: Envelope, producer: Any = None) -> None:
+def publish_event(
+    celery: Celery,
+    transport: str,
+    envelope: Envelope,
+    producer: Any = None,
+    headers: dict[str, Any] | None = None,
+) -> None:
     """Publish one event envelope, durably, to every group."""
     exchange = events_exchange(transport)
     with celery.producer_or_acquire(producer) as producer:
@@ -57,7 +66,7 @@ def publish_event(celery: Celery, transport: str, envelope: Envelope, producer: 
             routing_key=topology.EVENTS_ROUTING_KEY,
             serializer="json",
             delivery_mode=2,
-            headers=event_headers(envelope),
+            headers=headers if headers is not None else event_headers(envelope),
             declare=[exchange],
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},

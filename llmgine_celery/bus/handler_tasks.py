@@ -77,6 +77,7 @@ def register_handler_task(
         # after a lost confirmation sends a fresh copy with the same event id.
         if marks.seen(task_id):
             logger.info("%s already handled %s; skipping the copy", route.task_name, task_id)
+            self.request.llmgine_skipped = True  # read by the observer: handler.skipped
             return
         event = registry.types.decode(envelope)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from kombu.exceptions import OperationalError
 from llmgine_celery.bus import results, topology
 from llmgine_celery.bus.celery_app import transport_of
 from llmgine_celery.bus.confirms import ConfirmChannel
+from llmgine_celery.bus.correlation import outgoing_headers
 from llmgine_celery.bus.events import event_headers, events_exchange, publish_event
 from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
 from llmgine_celery.bus.registry import HandlerRegistry
@@ -26,6 +28,8 @@ from llmgine_celery.errors import BrokerUnavailableError
 from llmgine_celery.messages.commands import Command, CommandResult
 from llmgine_celery.messages.envelope import Envelope, encode, type_name
 from llmgine_celery.messages.events import Event
+from llmgine_celery.observability import records
+from llmgine_celery.observability.bus import LogLevel, ObservabilityBus, Record
 from llmgine_celery.settings import Settings, redact_url
 
 if TYPE_CHECKING:
@@ -70,8 +74,10 @@ class MessageBus:
         settings: Settings,
         *,
         local_only: bool = False,
+        obs: ObservabilityBus | None = None,
     ) -> None:
         self.celery = celery
+        self._obs = obs
         self._registry = registry
         self._settings = settings
         #: True when the only worker is in this process (embedded default)
@@ -102,12 +108,12 @@ class MessageBus:
         waiter.expect(command.id)
         # Not awaited: the result wakes this call; a failed send fails the wait.
         self._publisher.post(
-            functools.partial(self._send, command, envelope),
+            functools.partial(self._send, command, envelope, correlation=outgoing_headers()),
             on_error=functools.partial(_fail_wait, waiter, command.id),
         )
         meta = await waiter.wait(command.id, wait_for)
         if meta is None:
-            return results.timed_out(command.id, envelope["type"], wait_for)
+            return self._timed_out(command.id, envelope["type"], wait_for)
         return results.from_meta(command.id, meta)
 
     def execute_sync(self, command: Command, timeout: float | None = None) -> CommandResult:
@@ -123,7 +129,7 @@ class MessageBus:
         envelope = encode(command)
         missing = self._missing_handler(command)
         if missing is None:
-            self._send(command, envelope)
+            self._send(command, envelope, correlation=outgoing_headers())
         return CommandHandle(command.id, envelope["type"], self, ready=missing)
 
     async def fetch_result(
@@ -135,7 +141,7 @@ class MessageBus:
         waiter.expect(command_id)
         meta = await waiter.wait(command_id, wait_for)
         if meta is None:
-            return results.timed_out(command_id, command_type, wait_for)
+            return self._timed_out(command_id, command_type, wait_for)
         return results.from_meta(command_id, meta)
 
     def fetch_result_sync(
@@ -147,7 +153,7 @@ class MessageBus:
         try:
             async_result.get(timeout=wait_for, propagate=False, disable_sync_subtasks=False)
         except CeleryTimeoutError:
-            return results.timed_out(command_id, command_type, wait_for)
+            return self._timed_out(command_id, command_type, wait_for)
         meta = {
             "status": async_result.state,
             "result": async_result.result,
@@ -164,12 +170,16 @@ class MessageBus:
         confirmation round trip per batch.
         """
         envelope = encode(event)
-        await self._publisher.submit(functools.partial(self._publish, envelope))
+        headers = event_headers(envelope, outgoing_headers())
+        await self._publisher.submit(functools.partial(self._publish, envelope, headers))
+        self._published(envelope, headers)
 
     def publish_sync(self, event: Event) -> None:
         """``publish`` for code without an event loop."""
         envelope = encode(event)
-        self._publisher.submit_sync(functools.partial(self._publish, envelope))
+        headers = event_headers(envelope, outgoing_headers())
+        self._publisher.submit_sync(functools.partial(self._publish, envelope, headers))
+        self._published(envelope, headers)
 
     def subscribe(
         self, *event_types: type[E], session_id: str | None = None, max_buffer: int = 1000
@@ -205,19 +215,54 @@ class MessageBus:
             return results.no_handler(command.id, type_name(type(command)))
         return None
 
-    def _send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
+    def _send(
+        self,
+        command: Command,
+        envelope: Envelope,
+        producer: Any = None,
+        correlation: dict[str, Any] | None = None,
+    ) -> None:
         with self._broker_errors():
-            self._sender.send(command, envelope, producer)
+            self._sender.send(command, envelope, producer, correlation)
 
-    def _publish(self, envelope: Envelope, producer: Any = None) -> Confirmation | None:
+    def _publish(
+        self, envelope: Envelope, headers: dict[str, Any], producer: Any = None
+    ) -> Confirmation | None:
+        headers = {**headers, topology.HEADER_SENT_AT: time.time()}
         with self._broker_errors():
             if self._confirms is None:
-                publish_event(self.celery, self._transport, envelope, producer)
+                publish_event(self.celery, self._transport, envelope, producer, headers)
                 return None
-            confirm = self._confirms.publish(
-                envelope, event_headers(envelope), topology.EVENTS_ROUTING_KEY
-            )
+            confirm = self._confirms.publish(envelope, headers, topology.EVENTS_ROUTING_KEY)
         return functools.partial(self._confirmed, confirm)
+
+    def _published(self, envelope: Envelope, headers: dict[str, Any]) -> None:
+        if self._obs is None:
+            return
+        fields = {
+            "event_id": headers.get(topology.HEADER_EVENT_ID),
+            "event_type": envelope["type"],
+            "session_id": headers.get(topology.HEADER_SESSION_ID),
+            "trace_id": headers.get(topology.HEADER_TRACE_ID),
+            "parent_span_id": headers.get(topology.HEADER_PARENT_SPAN_ID),
+            "causation_id": headers.get(topology.HEADER_CAUSATION_ID),
+            "messaging.system": self._transport,
+            "messaging.destination.name": topology.EVENTS_EXCHANGE,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self._obs.emit(Record(LogLevel.INFO, records.EVENT_PUBLISHED, fields))
+
+    def _timed_out(self, command_id: str, command_type: str, waited: float) -> CommandResult:
+        if self._obs is not None:
+            fields = {
+                "command_id": command_id,
+                "command_type": command_type,
+                "task_id": command_id,
+                "outcome": "timeout",
+                "duration_ms": round(waited * 1000, 3),
+            }
+            self._obs.emit(Record(LogLevel.WARNING, records.COMMAND_TIMED_OUT, fields))
+        return results.timed_out(command_id, command_type, waited)
 
     def _confirmed(self, confirm: Confirmation) -> None:
         with self._broker_errors():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import inspect
 import os
 import threading
@@ -38,8 +41,32 @@ class LoopRunner:
             return self._loop
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the handler loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop()).result()
+        """Run ``coro`` on the handler loop, in the caller's context, and wait for it.
+
+        The caller's context variables (the task's correlation among them) go
+        with it: what the handler sends joins the task's trace.
+        """
+        loop = self.loop()
+        ctx = contextvars.copy_context()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            task = loop.create_task(coro, context=ctx)
+            task.add_done_callback(functools.partial(_settle, done))
+
+        loop.call_soon_threadsafe(start)
+        return done.result()
+
+
+def _settle(done: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
+    if task.cancelled():
+        done.cancel()
+        return
+    error = task.exception()
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(task.result())
 
 
 _runner = LoopRunner()

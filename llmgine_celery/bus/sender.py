@@ -9,13 +9,33 @@ and publisher (``app.amqp``), so publish signals and task-sent events still fire
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.messages.commands import Command
 from llmgine_celery.messages.envelope import Envelope
+from llmgine_celery.observability import signals
+from llmgine_celery.observability.redact import Redactor
+
+#: characters of a message's fields shown by Flower and ``celery inspect``
+ARGSREPR_CHARS = 256
+
+_redact = Redactor(())
+
+
+def argsrepr(envelope: Envelope) -> str:
+    """What monitors show as a task's arguments: type, id and redacted fields, capped."""
+    data = envelope["data"]
+    fields = {k: v for k, v in data.items() if k not in {"id", "timestamp"}}
+    shown = json.dumps(_redact(fields), ensure_ascii=False, default=str)
+    if len(shown) > ARGSREPR_CHARS:
+        shown = shown[: ARGSREPR_CHARS - 3] + "..."
+    return f"<{envelope['type']} {data.get('id')}> {shown}"
+
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -58,11 +78,13 @@ class TaskSender:
             create_sent_event=celery.conf.task_send_sent_event,
             root_id=root_id,
             parent_id=parent_id,
-            argsrepr=f"<{envelope['type']} {envelope['data'].get('id')}>",
+            argsrepr=argsrepr(envelope),
             kwargsrepr="{}",
             ignore_result=ignore_result,
         )
-        with celery.producer_or_acquire(producer) as pooled:
+        sent = {topology.HEADER_SENT_AT: time.time()}
+        headers = {**headers, **sent} if headers else sent
+        with celery.producer_or_acquire(producer) as pooled, signals.publishing(celery):
             celery.amqp.send_task_message(pooled, name, message, headers=headers, **options)
         if first:
             with self._lock:  # later sends skip declaring the queue
@@ -85,19 +107,29 @@ class CommandSender:
         self._tasks = TaskSender(celery)
         self._registry = registry
 
-    def send(self, command: Command, envelope: Envelope, producer: Any = None) -> None:
-        """Publish ``command`` to its route's queue (default ``llmgine.commands``)."""
+    def send(
+        self,
+        command: Command,
+        envelope: Envelope,
+        producer: Any = None,
+        correlation: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish ``command`` to its route's queue (default ``llmgine.commands``).
+
+        ``correlation`` holds the trace headers, taken where the command was
+        issued (this may run on the publisher thread, outside that context).
+        """
         route = self._registry.command_route(type(command))
+        headers = dict(correlation) if correlation else {}
+        headers[topology.HEADER_COMMAND_ID] = command.id
+        headers[topology.HEADER_SESSION_ID] = command.session_id
+        headers[topology.HEADER_MESSAGE_TYPE] = envelope["type"]
         self._tasks.send(
             topology.command_task_name(envelope["type"]),
             command.id,
             envelope,
             queue=route.queue if route else None,
-            headers={
-                topology.HEADER_COMMAND_ID: command.id,
-                topology.HEADER_SESSION_ID: command.session_id,
-                topology.HEADER_MESSAGE_TYPE: envelope["type"],
-            },
+            headers=headers,
             producer=producer,
         )
 

@@ -36,6 +36,20 @@ HEADER_TRACE_ID = "llmgine_trace_id"
 HEADER_PARENT_SPAN_ID = "llmgine_parent_span_id"
 #: correlation: the id of the command or event being handled when the message was sent
 HEADER_CAUSATION_ID = "llmgine_causation_id"
+#: when the message was sent (seconds since the epoch): a worker's queue wait is measured from it
+HEADER_SENT_AT = "llmgine_sent_at"
+
+#: header names of the ids above, by the field name records give them
+CORRELATION_HEADERS = {
+    "command_id": HEADER_COMMAND_ID,
+    "event_id": HEADER_EVENT_ID,
+    "session_id": HEADER_SESSION_ID,
+    "type": HEADER_MESSAGE_TYPE,
+    "trace_id": HEADER_TRACE_ID,
+    "parent_span_id": HEADER_PARENT_SPAN_ID,
+    "causation_id": HEADER_CAUSATION_ID,
+    "sent_at": HEADER_SENT_AT,
+}
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

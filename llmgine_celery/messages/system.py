@@ -18,3 +18,22 @@ class EventHandlerFailedEvent(Event):
     error: str
     attempts: int
     dead_letter_id: str
+
+
+@dataclass
+class CommandStartedEvent(Event):
+    """A command's handler started in a worker (published with LLMGINE_COMMAND_EVENTS)."""
+
+    command_id: str
+    command_type: str
+
+
+@dataclass
+class CommandResultEvent(Event):
+    """A command's handler finished (published with LLMGINE_COMMAND_EVENTS)."""
+
+    command_id: str
+    command_type: str
+    success: bool
+    error: str | None = None
+    duration_ms: float | None = None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from collections.abc import Mapping
 from typing import Any, TextIO
+
+from llmgine_celery.observability import context, records
 
 logger = logging.getLogger("llmgine_celery.observability")
 
@@ -53,14 +57,27 @@ class Sink:
 
 
 class ConsoleSink(Sink):
-    """Human-readable lines on a stream (stderr by default)."""
+    """Human-readable lines on a stream (stderr by default).
 
-    def __init__(self, stream: TextIO | None = None, level: LogLevel = LogLevel.INFO) -> None:
+    Shows what applications log; the framework's own lifecycle records (one
+    per send, run, result...) only with ``lifecycle=True``.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        level: LogLevel = LogLevel.INFO,
+        *,
+        lifecycle: bool = False,
+    ) -> None:
         self._stream = stream
         self._level = level
+        self._lifecycle = lifecycle
 
     def emit(self, record: Record) -> None:
         if record.level < self._level:
+            return
+        if not self._lifecycle and record.event in records.LIFECYCLE:
             return
         stream = self._stream or sys.stderr
         extras = " ".join(f"{k}={v}" for k, v in record.fields.items() if v is not None)
@@ -75,22 +92,78 @@ class ObservabilityBus:
     def __init__(self, service: str, sinks: list[Sink] | None = None) -> None:
         self.service = service
         self.hostname = socket.gethostname()
-        self._sinks: list[Sink] = list(sinks) if sinks is not None else [ConsoleSink()]
+        default = ConsoleSink()
+        self._default: Sink | None = default if sinks is None else None
+        self._sinks: list[Sink] = list(sinks) if sinks is not None else [default]
         self._reported: set[int] = set()
 
     def add_sink(self, sink: Sink) -> None:
         """Send later records to ``sink`` too."""
         self._sinks.append(sink)
 
+    def configure(self, sinks: list[Sink]) -> None:
+        """Use ``sinks`` instead of the default console sink; added sinks stay."""
+        self._sinks = [s for s in self._sinks if s is not self._default] + sinks
+        self._default = None
+
     def log(self, level: LogLevel | int, message: str, **fields: Any) -> None:
-        """Record a structured log line, as in the LLMgine seed."""
+        """Record a structured log line, as in the LLMgine seed.
+
+        Inside a handler (or a span) the line carries its trace and span ids.
+        """
+        here = context.current()
+        if here is not None:
+            fields.setdefault("trace_id", here.trace_id)
+            fields.setdefault("span_id", here.span_id)
+            if here.causation_id is not None:
+                fields.setdefault("causation_id", here.causation_id)
         self.emit(Record(level=LogLevel(level), event=message, fields=fields))
+
+    def count(self, name: str, value: float = 1.0, **labels: str) -> None:
+        """Add ``value`` to the counter ``name`` (never put an id in a label)."""
+        self._each(lambda sink: sink.count(name, value, labels))
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """Record ``value`` in the histogram ``name``."""
+        self._each(lambda sink: sink.observe(name, value, labels))
+
+    @contextlib.contextmanager
+    def span(self, name: str, **fields: Any) -> Iterator[context.Correlation]:
+        """Time the block as a span of the current trace (a new trace outside any).
+
+        Records one ``span`` record when the block ends, with its duration and
+        outcome; what the block sends or logs carries the span's ids.
+        """
+        parent = context.current()
+        here = (
+            parent.child()
+            if parent is not None
+            else context.Correlation(trace_id=context.new_trace_id(), span_id=context.new_span_id())
+        )
+        started = time.perf_counter()
+        level, extra = LogLevel.INFO, dict[str, Any](outcome="ok")
+        try:
+            with context.correlated(here):
+                yield here
+        except BaseException as exc:
+            level = LogLevel.ERROR
+            extra = {"outcome": "error", "exception": type(exc).__name__, "error": str(exc)}
+            raise
+        finally:
+            extra["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            ids = {"trace_id": here.trace_id, "span_id": here.span_id}
+            if here.parent_span_id is not None:
+                ids["parent_span_id"] = here.parent_span_id
+            self.emit(Record(level, records.SPAN, {"span": name, **ids, **fields, **extra}))
 
     def emit(self, record: Record) -> None:
         """Give ``record`` to every sink; no sink can break the caller."""
+        self._each(lambda sink: sink.emit(record))
+
+    def _each(self, call: Callable[[Sink], None]) -> None:
         for sink in self._sinks:
             try:
-                sink.emit(record)
+                call(sink)
             except Exception:  # an observer must never break the flow
                 if id(sink) not in self._reported:
                     self._reported.add(id(sink))

@@ -84,3 +84,33 @@ STATES: Final = (
 
 #: values of ``outcome`` on ``command.result``
 OUTCOMES: Final = ("success", "failure", "no_handler", "invalid", "timeout", "error")
+
+#: every name above: records the framework makes (a console shows them only when asked)
+LIFECYCLE: Final = frozenset(
+    {
+        COMMAND_SENT,
+        COMMAND_STARTED,
+        COMMAND_RESULT,
+        COMMAND_TIMED_OUT,
+        EVENT_PUBLISHED,
+        HANDLER_STARTED,
+        HANDLER_SUCCEEDED,
+        HANDLER_RETRIED,
+        HANDLER_FAILED,
+        HANDLER_SKIPPED,
+        DEAD_LETTER,
+        TASK_SENT,
+        TASK_RECEIVED,
+        TASK_STARTED,
+        TASK_SUCCEEDED,
+        TASK_FAILED,
+        TASK_RETRIED,
+        TASK_REJECTED,
+        TASK_UNKNOWN,
+        TASK_REVOKED,
+        WORKER_READY,
+        WORKER_STOPPING,
+        BEAT_STARTED,
+        SPAN,
+    }
+)

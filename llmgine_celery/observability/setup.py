@@ -1,0 +1,50 @@
+"""Building an application's sinks and worker hooks from ``Settings``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmgine_celery.observability.appendfile import Rotation
+from llmgine_celery.observability.bus import ConsoleSink, LogLevel, ObservabilityBus, Sink
+from llmgine_celery.observability.jsonl import JsonlSink
+from llmgine_celery.settings import Settings
+
+
+def configured_sinks(settings: Settings, service: str) -> list[Sink]:
+    """The sinks ``settings`` turn on: console, JSONL file, Prometheus metrics."""
+    level = LogLevel[settings.log_level]
+    sinks: list[Sink] = [ConsoleSink(level=level, lifecycle=settings.log_console)]
+    if settings.log_jsonl:
+        rotation = Rotation(max_bytes=settings.log_max_bytes, backups=settings.log_backups)
+        sinks.append(
+            JsonlSink(
+                settings.logs, service, secrets=settings.secrets(), level=level, rotation=rotation
+            )
+        )
+    if settings.metrics:
+        from llmgine_celery.observability import metrics
+
+        metrics.configure_multiprocess(settings.metrics_folder)
+        sinks.append(metrics.MetricsSink())
+    return sinks
+
+
+def configure(bus: ObservabilityBus, settings: Settings) -> None:
+    """Give ``bus`` the configured sinks (in place of its default console sink)."""
+    bus.configure(configured_sinks(settings, bus.service))
+
+
+def metrics_hooks(settings: Settings) -> tuple[Any, Any] | None:
+    """``(on_worker_ready, on_process_exit)`` callbacks of the metrics server, if enabled."""
+    if not settings.metrics or settings.metrics_port is None:
+        return None
+    from llmgine_celery.observability import metrics
+
+    host, port = settings.metrics_host, settings.metrics_port
+    servers: list[Any] = []
+
+    def start(app: Any) -> None:
+        if not servers:  # one per worker process, however often the signal comes
+            servers.append(metrics.serve(host, port))
+
+    return start, metrics.process_exited

@@ -1,0 +1,183 @@
+"""Records in the JSONL logs of a producer and real workers: lifecycle and correlation.
+
+A producer in this process and a worker process write to one log folder; the
+test reads the lines back and checks that each thing that happened made its
+record, that a command's records on both sides share its ids and trace, and
+that an event published by a handler carries the command as its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmgine_celery import ApplicationConfig, Settings
+from llmgine_celery.bus import topology
+from tests.integration.obs_apps import APP_NAME, LISTENERS, Ask, Doomed, Fail, ObsApp
+from tests.support import (
+    DEPLOYMENTS,
+    WorkerProcess,
+    producer_settings,
+    start_worker,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+WAIT = 30.0
+
+
+@dataclass
+class Logged:
+    """A producer and a worker writing JSONL into one folder."""
+
+    broker_name: str
+    app: ObsApp
+    worker: WorkerProcess
+    logs: Path
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record written so far (each line must be a whole JSON object)."""
+        found = []
+        for path in sorted(self.logs.glob("*.jsonl*")):
+            for line in path.read_text().splitlines():
+                found.append(json.loads(line))
+        return found
+
+    def where(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.records() if all(r.get(k) == v for k, v in match.items())]
+
+    def one(self, **match: Any) -> dict[str, Any]:
+        """The one record matching ``match``, once it is there."""
+        found = wait_for(lambda: self.where(**match), WAIT, what=f"a record {match}")
+        assert len(found) == 1, found
+        return found[0]
+
+
+@pytest.fixture(scope="module", params=["rabbitmq", "redis"])
+def logged(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Logged]:
+    broker_name = request.param
+    broker, backend = DEPLOYMENTS[broker_name]
+    tmp = tmp_path_factory.mktemp(f"obs-{broker_name}")
+    logs = tmp / "logs"
+    base = producer_settings(broker_name, tmp)
+    settings = Settings(**{**base.model_dump(), "broker_url": broker, "result_backend": backend,
+                           "log_dir": logs, "metrics": False})  # fmt: skip
+    app = ObsApp(ApplicationConfig(name=APP_NAME, settings=settings))
+    app.declare()
+    with app.celery.connection_for_write() as conn:
+        names = [topology.COMMAND_QUEUE, topology.group_queue_name(LISTENERS),
+                 topology.handler_queue_name(LISTENERS), topology.DEAD_LETTER_QUEUE]  # fmt: skip
+        for name in names:
+            conn.default_channel.queue_purge(name)
+    worker = start_worker(
+        "tests.integration.obs_apps:celery",
+        broker,
+        backend,
+        log_dir=tmp,
+        env={"LLMGINE_LOG_DIR": str(logs), "LLMGINE_METRICS": "false"},
+    )
+    try:
+        yield Logged(broker_name, app, worker, logs)
+    finally:
+        worker.stop()
+        asyncio.run(app.shutdown())
+
+
+def execute(app: ObsApp, command: Any) -> Any:
+    async def run() -> Any:
+        try:
+            return await app.message_bus.execute(command, timeout=WAIT)
+        finally:
+            await app.message_bus.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_command_and_its_handler_run_share_ids_and_trace_across_processes(
+    logged: Logged,
+) -> None:
+    command = Ask(prompt="hello", api_key="sk-very-secret", session_id="s-obs")
+    result = execute(logged.app, command)
+    assert result.success, result.error
+    worker_pid = result.result
+
+    sent = logged.one(event="command.sent", command_id=command.id)
+    started = logged.one(event="command.started", command_id=command.id)
+    finished = logged.one(event="command.result", command_id=command.id)
+    assert sent["pid"] != worker_pid and started["pid"] == worker_pid == finished["pid"]
+    for record in (sent, started, finished):
+        assert record["task_id"] == command.id
+        assert record["task_name"] == "llmgine.command.Ask"
+        assert record["command_type"] == "Ask"
+        assert record["session_id"] == "s-obs"
+        assert record["service"] == APP_NAME
+    assert len({sent["trace_id"], started["trace_id"], finished["trace_id"]}) == 1
+    assert len(sent["trace_id"]) == 32
+    assert finished["outcome"] == "success" and finished["duration_ms"] > 0
+    assert started["queue"] == finished["queue"] == topology.COMMAND_QUEUE
+    assert started["queue_wait_ms"] >= 0
+
+    # the handler's own log line, on the handler loop, joins the command's span
+    said = logged.one(event="answering", prompt="hello")
+    assert said["trace_id"] == sent["trace_id"] and said["span_id"] == started["span_id"]
+    assert said["causation_id"] == command.id
+
+    # the event the handler published names the command as its cause, same trace
+    published = logged.one(event="event.published", causation_id=command.id)
+    assert published["event_type"] == "Answered"
+    assert published["trace_id"] == sent["trace_id"]
+    assert published["parent_span_id"] == started["span_id"]
+    assert published["pid"] == worker_pid
+    handled = logged.one(event="handler.succeeded", event_id=published["event_id"])
+    assert handled["group"] == LISTENERS and handled["handler"] == "heard"
+    assert handled["trace_id"] == sent["trace_id"]
+    assert handled["task_name"] == f"llmgine.event.{LISTENERS}.heard"
+    heard = logged.one(event="heard", causation_id=published["event_id"])
+    assert heard["trace_id"] == sent["trace_id"]
+
+    # secrets in a command's fields never reach the logs
+    assert not any("sk-very-secret" in p.read_text() for p in logged.logs.glob("*.jsonl*"))
+
+
+def test_a_failing_command_handler_is_recorded_as_a_failure_result(logged: Logged) -> None:
+    command = Fail(why="no model")
+    result = execute(logged.app, command)
+    assert not result.success
+    finished = logged.one(event="command.result", command_id=command.id)
+    assert finished["outcome"] == "failure"
+    assert finished["level"] == "WARNING"
+    assert finished["error"] == "RuntimeError: no model"
+
+
+def test_handler_retries_failure_and_dead_letter_each_make_one_record(logged: Logged) -> None:
+    event = Doomed(text="x")
+    logged.app.message_bus.publish_sync(event)
+    failed = logged.one(event="handler.failed", event_id=event.id)
+    assert failed["exception"] == "ValueError" and failed["retries"] == 2
+    retried = logged.where(event="handler.retried", event_id=event.id)
+    assert [r["retries"] for r in retried] == [0, 1]
+    assert {r["trace_id"] for r in [*retried, failed]} == {failed["trace_id"]}
+    dead = logged.one(event="dead_letter", event_id=event.id)
+    assert dead["kind"] == "handler_failed" and dead["handler"] == "doomed"
+    assert dead["attempts"] == 3
+    assert logged.one(event="event.published", event_id=event.id)["pid"] != failed["pid"]
+
+
+def test_the_worker_records_that_it_is_ready(logged: Logged) -> None:
+    ready = logged.one(event="worker.ready", worker=logged.worker.node)
+    assert ready["worker_pid"] == logged.worker.proc.pid
+
+
+def test_every_line_is_one_json_object_with_the_core_fields(logged: Logged) -> None:
+    execute(logged.app, Ask(prompt="lines"))
+    for record in logged.records():  # json.loads inside raises on a torn line
+        assert {"ts", "level", "event", "service", "hostname", "pid"} <= record.keys()
