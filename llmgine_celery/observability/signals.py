@@ -3,9 +3,10 @@
 Celery's signals are process-wide; each receiver finds the :class:`TaskObserver`
 of the app the signal is about (``app.llmgine_observer``, set by
 ``ApplicationBootstrap``) and ignores apps that have none. The publish signals
-name no app: llmgine's senders say which (``publishing``); for other sends
-they go to the observer whose app knows the task, else to the first one. Receivers are connected once per process;
-Celery logs and swallows a receiver's exception, and the bus isolates sinks.
+name no app: llmgine's senders say which (``publishing``); for other sends they
+go to the observer whose app knows the task, else to the first one. Receivers
+are connected once per process; Celery logs and swallows a receiver's
+exception, and the bus isolates sinks.
 """
 
 from __future__ import annotations
