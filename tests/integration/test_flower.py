@@ -122,9 +122,12 @@ def start_flower(
     port = free_port()
     command = [
         sys.executable, "-m", "celery", "-A", app_spec, "flower",
-        "--address=127.0.0.1", f"--port={port}", f"--basic-auth={':'.join(auth)}",
+        "--address=127.0.0.1", f"--port={port}",
     ]  # fmt: skip
     env = clean_env(LLMGINE_BROKER_URL=broker, LLMGINE_RESULT_BACKEND=backend)
+    env = {k: v for k, v in env.items() if not k.startswith("FLOWER_")}
+    # as docs/flower.md says: from the environment, so `ps` never shows the password
+    env["FLOWER_BASIC_AUTH"] = ":".join(auth)
     log = log_dir / f"flower-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
