@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,9 @@ from llmgine_celery.bus import topology
 from tests.integration.obs_apps import APP_NAME, LISTENERS, Ask, Doomed, Fail, ObsApp
 from tests.support import (
     DEPLOYMENTS,
+    REPO,
     WorkerProcess,
+    clean_env,
     producer_settings,
     start_worker,
     wait_for,
@@ -181,3 +185,41 @@ def test_every_line_is_one_json_object_with_the_core_fields(logged: Logged) -> N
     execute(logged.app, Ask(prompt="lines"))
     for record in logged.records():  # json.loads inside raises on a torn line
         assert {"ts", "level", "event", "service", "hostname", "pid"} <= record.keys()
+
+
+def test_a_worker_start_and_stop_each_make_one_record(logged: Logged, tmp_path: Path) -> None:
+    broker, backend = DEPLOYMENTS[logged.broker_name]
+    other = start_worker(
+        "tests.integration.obs_apps:celery",
+        broker,
+        backend,
+        log_dir=tmp_path,
+        concurrency=1,
+        env={"LLMGINE_LOG_DIR": str(logged.logs), "LLMGINE_METRICS": "false"},
+        extra_args=("-Q", "obs.unused"),
+    )
+    ready = logged.one(event="worker.ready", worker=other.node)
+    other.stop()
+    stopping = logged.one(event="worker.stopping", worker=other.node)
+    assert ready["pid"] == stopping["pid"] == other.proc.pid
+
+
+def test_celery_beat_records_its_start(logged: Logged, tmp_path: Path) -> None:
+    broker, backend = DEPLOYMENTS[logged.broker_name]
+    command = [sys.executable, "-m", "celery", "-A", "tests.integration.obs_apps:celery", "beat",
+               "-s", str(tmp_path / "schedule"), "--pidfile", ""]  # fmt: skip
+    env = clean_env(
+        LLMGINE_BROKER_URL=broker,
+        LLMGINE_RESULT_BACKEND=backend,
+        LLMGINE_LOG_DIR=str(logged.logs),
+        LLMGINE_METRICS="false",
+        LLMGINE_DATA_DIR=str(tmp_path / "data"),
+    )
+    with (tmp_path / "beat.log").open("wb") as out:
+        beat = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
+    try:
+        started = logged.one(event="beat.started", pid=beat.pid)
+        assert started["service"] == APP_NAME
+    finally:
+        beat.terminate()
+        beat.wait(20)
