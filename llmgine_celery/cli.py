@@ -1,4 +1,4 @@
-"""The ``llmgine-celery`` command: demo, worker, declare, dead-letters."""
+"""The ``llmgine-celery`` command: demo, worker, declare, dead-letters, trace, logs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from llmgine_celery.bootstrap import ApplicationBootstrap
 from llmgine_celery.bus import dead_letter_admin as admin
@@ -16,6 +19,10 @@ from llmgine_celery.bus import topology
 from llmgine_celery.bus.dead_letters import DeadLetter
 from llmgine_celery.errors import ConfigurationError, LLMgineError
 from llmgine_celery.messages.envelope import dump
+from llmgine_celery.observability import logview, trace_render
+from llmgine_celery.observability import trace as tracing
+from llmgine_celery.observability.bus import LogLevel
+from llmgine_celery.settings import Settings
 
 #: characters of a reason shown by ``dead-letters list``
 REASON_WIDTH = 80
@@ -140,6 +147,128 @@ def _add_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action.set_defaults(run=run)
 
 
+def _log_dir(args: argparse.Namespace) -> Path:
+    if args.log_dir is not None:
+        return Path(args.log_dir)
+    try:
+        return Settings().logs
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid LLMGINE_* settings: {exc}") from exc
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        print(f"llmgine-celery: {message}", file=sys.stderr)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    log_dir = _log_dir(args)
+    if not logview.log_files(log_dir):
+        _warn(f"no JSONL logs in {log_dir} (set --log-dir or LLMGINE_LOG_DIR)")
+        return 1
+    skipped = logview.Skipped()
+    index = tracing.TraceIndex(logview.read_records(log_dir, skipped))
+    _warn(skipped.message())
+    keys = index.resolve(args.id)
+    if not keys:
+        _warn(f"no command or event {args.id!r} in the logs in {log_dir}")
+        return 1
+    if len(keys) > 1:
+        found = ", ".join(f"{kind} {ident}" for kind, ident in keys[:10])
+        _warn(f"{args.id!r} names {len(keys)} messages: {found}; give more of the id")
+        return 1
+    found_trace = tracing.build_trace(index, keys[0])
+    if args.json:
+        print(json.dumps(trace_render.to_json(found_trace), indent=2, ensure_ascii=False))
+    else:
+        print(trace_render.render(found_trace), end="")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    log_dir = _log_dir(args)
+    keep = logview.RecordFilter(
+        level=int(LogLevel[args.level]) if args.level else 0,
+        command_id=args.command_id,
+        event_id=args.event_id,
+        session_id=args.session_id,
+        events=tuple(args.event or ()),
+        services=tuple(args.service or ()),
+    )
+
+    def show(record: logview.Rec) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        print(line if args.json else logview.format_line(record), flush=args.follow)
+
+    skipped = logview.Skipped()
+    if args.follow:
+        if not log_dir.is_dir():
+            _warn(f"waiting for logs in {log_dir}")
+        try:
+            lines = 10 if args.lines is None else args.lines
+            logview.follow(log_dir, keep, show, skipped, initial=lines, warn=_warn)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if not logview.log_files(log_dir):
+        _warn(f"no JSONL logs in {log_dir} (set --log-dir or LLMGINE_LOG_DIR)")
+        return 1
+    for record in logview.last_matching(log_dir, keep, args.lines, skipped):
+        show(record)
+    _warn(skipped.message())
+    return 0
+
+
+def _add_observability(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    folder = "folder of the JSONL logs (default: LLMGINE_LOG_DIR, else <LLMGINE_DATA_DIR>/logs)"
+    trace = sub.add_parser(
+        "trace",
+        help="print the causal tree of a command or event from the JSONL logs",
+        description="The command (or event) ID, its handler runs, the events and commands "
+        "they caused, recursively, read from every service's JSONL files.",
+    )
+    trace.add_argument("id", help="a command id (= its task id) or an event id")
+    trace.add_argument("--log-dir", help=folder)
+    trace.add_argument("--json", action="store_true", help="print the tree as JSON")
+    trace.set_defaults(run=_trace)
+
+    logs = sub.add_parser(
+        "logs",
+        help="print (and follow) JSONL records, filtered",
+        description="Records of every service's JSONL files in time order, filtered; "
+        "all criteria given must hold.",
+    )
+    logs.add_argument("--log-dir", help=folder)
+    logs.add_argument(
+        "--level", type=str.upper, choices=list(LogLevel.__members__), help="lowest level shown"
+    )
+    logs.add_argument("--command-id", help="records of this command (its id is its task id)")
+    logs.add_argument("--event-id", help="records of this event and its handler runs")
+    logs.add_argument("--session-id", help="records of this session")
+    logs.add_argument(
+        "--event",
+        action="append",
+        metavar="NAME",
+        help="record name, e.g. command.result; 'handler.' or 'handler*' is a prefix (repeatable)",
+    )
+    logs.add_argument("--service", action="append", help="records of this service (repeatable)")
+    logs.add_argument(
+        "-n", "--lines", type=_count, metavar="N", help="only the last N matching records"
+    )
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new records until Ctrl-C"
+    )
+    logs.add_argument("--json", action="store_true", help="print each record as its JSON line")
+    logs.set_defaults(run=_logs)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgine-celery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     declare.add_argument("app")
     declare.set_defaults(run=_declare)
     _add_dead_letters(sub)
+    _add_observability(sub)
     return parser
 
 
