@@ -117,6 +117,7 @@ def start_worker(
     args: argparse.Namespace,
     logdir: Path,
     queues: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Worker:
     """Start a worker of ``app_spec`` (on ``queues`` if given) in its own session."""
     node = f"bench-{label}-{os.getpid()}@{socket.gethostname()}"
@@ -126,14 +127,21 @@ def start_worker(
         *("--without-gossip", "--without-mingle", "--without-heartbeat"),
         *(("-Q", ",".join(queues)) if queues else ()),
     ]
-    return start_process(label, node, command, logdir)
+    return start_process(label, node, command, logdir, env)
 
 
-def start_process(label: str, node: str, command: Sequence[str], logdir: Path) -> Worker:
+def start_process(
+    label: str,
+    node: str,
+    command: Sequence[str],
+    logdir: Path,
+    extra_env: Mapping[str, str] | None = None,
+) -> Worker:
     """Start ``command`` from the repository root in its own session, logging to ``logdir``."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **(extra_env or {}),
     }
     log_path = logdir / f"{label}-worker.log"
     log = log_path.open("wb")

@@ -46,6 +46,8 @@ class JsonlSink(Sink):
         self._service = service
         self._hostname = socket.gethostname()
         self._redact = Redactor(secrets)
+        self._shown_service = self._redact.text(service)
+        self._shown_hostname = self._redact.text(self._hostname)
         self._level = level
 
     @property
@@ -60,21 +62,23 @@ class JsonlSink(Sink):
 
     def encode(self, record: Record) -> bytes:
         """``record`` as one redacted JSON line of at most ``MAX_LINE_BYTES``."""
-        line: dict[str, object] = {
+        # ts, level and pid are made here; service and hostname were redacted once
+        line: dict[str, JsonValue] = {
             "ts": record.ts,
             "level": record.level.name,
-            "event": record.event,
-            "service": self._service,
-            "hostname": self._hostname,
+            "event": self._redact.text(record.event),
+            "service": self._shown_service,
+            "hostname": self._shown_hostname,
             "pid": record.pid,
         }
-        fields = {k: record.fields[k] for k in STANDARD_KEYS if k in record.fields}
-        fields.update(record.fields)  # the standard keys keep their places at the front
-        for key, value in fields.items():
-            line[f"field.{key}" if key in CORE_KEYS else key] = value
-        redacted = self._redact(line)
+        given = record.fields
+        fields = {k: given[k] for k in STANDARD_KEYS if k in given}
+        fields.update(given)  # the standard keys keep their places at the front
+        redacted = self._redact(fields)
         assert isinstance(redacted, dict)  # a dict with str keys stays a dict
-        return _fit(redacted, MAX_LINE_BYTES - 1) + b"\n"
+        for key, value in redacted.items():
+            line[f"field.{key}" if key in CORE_KEYS else key] = value
+        return _fit(line, MAX_LINE_BYTES - 1) + b"\n"
 
     def close(self) -> None:
         """Close the file; a later ``emit`` reopens it."""

@@ -37,6 +37,8 @@ from llmgine_celery.settings import redact_url
 JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
 
 MASK = "***"
+#: distinct keys a Redactor remembers the redaction of
+KEY_CACHE_SIZE = 4096
 
 _SECRET_WORDS = frozenset(
     {"password", "passwords", "passwd", "passphrase", "secret", "secrets"}
@@ -84,6 +86,8 @@ class Redactor:
         self.max_depth = max_depth
         self.max_str = max_str
         self.max_items = max_items
+        #: redacted form and sensitivity of keys seen: records reuse a few dozen names
+        self._keys: dict[str, tuple[str, bool]] = {}
 
     def __call__(self, value: object) -> JsonValue:
         """A redacted, JSON-safe deep copy of ``value``; never raises."""
@@ -94,7 +98,7 @@ class Redactor:
 
     def text(self, text: str) -> str:
         """``text`` with secrets, URL passwords and bearer tokens hidden, then capped."""
-        if self._secrets is not None:
+        if self._secrets is not None and self._secrets.search(text) is not None:
             text = self._secrets.sub(MASK, text)
         if "://" in text:
             text = redact_url(text) if _SPACE.search(text) is None else text
@@ -106,6 +110,11 @@ class Redactor:
         return text
 
     def _value(self, value: object, depth: int, path: set[int]) -> JsonValue:
+        kind = type(value)  # exact types first: most values of a record are plain
+        if kind is str:
+            return self.text(value)  # type: ignore[arg-type]
+        if value is None or kind is bool or (kind is int and value.bit_length() <= 256):  # type: ignore[attr-defined]
+            return value  # type: ignore[return-value]
         if value is None or isinstance(value, str | bool | int | float):
             return self._scalar(value)
         if depth >= self.max_depth:
@@ -139,10 +148,10 @@ class Redactor:
                 if i == self.max_items:
                     out["…"] = f"+{len(value) - i} keys"
                     break
-                name = key if isinstance(key, str) else _describe(key)
+                shown, sensitive = self._key(key if isinstance(key, str) else _describe(key))
                 # None stays visible: "no API key was set" is worth seeing in a log
-                hidden = item is not None and is_sensitive_key(name)
-                out[self.text(name)] = MASK if hidden else self._value(item, depth + 1, path)
+                hidden = sensitive and item is not None
+                out[shown] = MASK if hidden else self._value(item, depth + 1, path)
             return out
         items: list[JsonValue] = []
         for i, item in enumerate(value):
@@ -151,6 +160,14 @@ class Redactor:
                 break
             items.append(self._value(item, depth + 1, path))
         return items
+
+    def _key(self, name: str) -> tuple[str, bool]:
+        known = self._keys.get(name)
+        if known is None:
+            known = (self.text(name), is_sensitive_key(name))
+            if len(self._keys) < KEY_CACHE_SIZE:
+                self._keys[name] = known
+        return known
 
 
 def _describe(value: object) -> str:

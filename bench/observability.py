@@ -1,0 +1,208 @@
+"""What observability costs: command throughput with JSONL and metrics on, and off.
+
+Two copies of the echo application, identical but for ``LLMGINE_LOG_JSONL`` and
+``LLMGINE_METRICS`` (and their folders), each with its own worker subprocess and
+its own RabbitMQ vhost (so neither worker takes the other's commands). Per
+round, alternating which side runs first, ``--n`` concurrent ``execute()`` calls
+from one event loop. The JSONL files are checked at the end: one
+``command.result`` line per call made on the "on" side, none on the "off" side.
+
+Run from the repository root: ``.venv/bin/python bench/observability.py --rounds 5``.
+Goal (issue 4): "on" throughput at least 0.95x "off". Reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root not
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.apps.llmgine_echo import Echo, EchoApp
+from bench.report import Sample, measure, rate_rows
+from bench.workers import (
+    BenchError,
+    Worker,
+    load_average,
+    log,
+    prepare_queues,
+    start_worker,
+    stop_all,
+    wait_ready,
+)
+from llmgine_celery import ApplicationConfig, Settings
+from llmgine_celery.settings import redact_url
+
+GOAL = 0.95
+CALL_TIMEOUT = 120.0
+SIDES = ("on", "off")
+
+
+def vhost_url(base: str, vhost: str) -> str:
+    """``base`` (an amqp URL) pointed at ``vhost``, created with rabbitmqctl if missing."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is not None:
+        listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True)
+        if vhost not in listed.stdout.split():
+            subprocess.run([ctl, "-q", "add_vhost", vhost], check=True)
+            perms = ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]
+            subprocess.run([ctl, "-q", *perms], check=True)
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + vhost, "", ""))
+
+
+def side_env(side: str, broker: str, backend: str, folder: Path) -> dict[str, str]:
+    on = "true" if side == "on" else "false"
+    return {
+        "LLMGINE_BROKER_URL": broker,
+        "LLMGINE_RESULT_BACKEND": backend,
+        "LLMGINE_EMBEDDED_WORKER": "false",
+        "LLMGINE_LOG_JSONL": on,
+        "LLMGINE_METRICS": on,
+        "LLMGINE_DATA_DIR": str(folder),
+    }
+
+
+class Side:
+    """One copy of the echo application and its event loop, in this process."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        settings = Settings(
+            broker_url=env["LLMGINE_BROKER_URL"],
+            result_backend=env["LLMGINE_RESULT_BACKEND"],
+            embedded_worker=False,
+            log_jsonl=env["LLMGINE_LOG_JSONL"] == "true",
+            metrics=env["LLMGINE_METRICS"] == "true",
+            data_dir=Path(env["LLMGINE_DATA_DIR"]),
+        )
+        self.name = name
+        self.app = EchoApp(ApplicationConfig(name="bench-echo", settings=settings))
+        self.loop = asyncio.new_event_loop()
+        self.calls = 0
+
+    def burst(self, payloads: Sequence[str]) -> None:
+        self.loop.run_until_complete(self._burst(payloads))
+        self.calls += len(payloads)
+
+    async def _burst(self, payloads: Sequence[str]) -> None:
+        bus = self.app.message_bus
+
+        async def call(payload: str) -> None:
+            result = await bus.execute(Echo(payload=payload), timeout=CALL_TIMEOUT)
+            if not (result.success and result.result == payload):
+                raise BenchError(f"{self.name}: wrong result {result!r:.300}")
+
+        await asyncio.gather(*(call(p) for p in payloads))
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.app.shutdown())
+        finally:
+            self.loop.close()
+
+
+def count_results(folder: Path) -> int:
+    """``command.result`` lines in the JSONL files under ``folder``."""
+    found = 0
+    for path in folder.glob("logs/*.jsonl*"):
+        for line in path.read_text().splitlines():
+            if json.loads(line).get("event") == "command.result":
+                found += 1
+    return found
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--payload-bytes", type=int, default=1024)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    load_before = load_average()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-observability-"))
+    log(f"data and worker logs in {tmp}")
+    envs = {
+        side: side_env(
+            side, vhost_url(args.broker, f"llmgine-bench-obs-{side}"), args.backend, tmp / side
+        )
+        for side in SIDES
+    }
+    samples: dict[str, list[Sample]] = {f"observability {s}": [] for s in SIDES}
+    with ExitStack() as stack:
+        sides = {side: Side(side, envs[side]) for side in SIDES}
+        for side in sides.values():
+            stack.callback(side.close)
+            prepare_queues(side.app.celery)
+        workers: dict[str, Worker] = {}
+        stack.callback(stop_all, workers.values())
+        for side in SIDES:
+            workers[side] = start_worker(
+                f"obs-{side}", "bench.apps.llmgine_echo:celery", args, tmp, env=envs[side]
+            )
+        for side in SIDES:
+            wait_ready(workers[side], sides[side].app.celery)
+        for side in SIDES:  # warm-up: connections, threads, files
+            sides[side].burst(payloads(f"warm-{side}", max(200, args.n // 5), args.payload_bytes))
+        for round_no in range(args.rounds):
+            order = SIDES if round_no % 2 == 0 else tuple(reversed(SIDES))
+            for side in order:
+                batch = payloads(f"r{round_no}-{side}", args.n, args.payload_bytes)
+                sample = measure([workers[side]], args.n, lambda s=side, b=batch: sides[s].burst(b))
+                samples[f"observability {side}"].append(sample)
+                log(f"  {side:<4} {args.n / sample.wall:8.0f} calls/s ({sample.wall:.2f}s)")
+        for worker in workers.values():
+            worker.check_alive()
+        calls_on = sides["on"].calls
+    written = count_results(tmp / "on")
+    if written < calls_on:
+        raise BenchError(f"observability on: {written} command.result lines for {calls_on} calls")
+    if count_results(tmp / "off"):
+        raise BenchError("observability off wrote JSONL lines")
+    rates = {k: statistics.median(s.calls / s.wall for s in v) for k, v in samples.items()}
+    ratio = rates["observability on"] / rates["observability off"]
+    return [
+        f"broker {redact_url(args.broker)} (a vhost per side)  backend {redact_url(args.backend)}",
+        f"worker -P {args.pool} -c {args.concurrency} (one per side); {args.rounds} rounds of "
+        f"{args.n} concurrent execute(), {args.payload_bytes} B payloads",
+        f"load average before: {load_before}",
+        "",
+        *rate_rows(samples, "calls/s"),
+        f"ratio on / off: {ratio:.3f}x  (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})",
+        f"JSONL: {written} command.result lines for {calls_on} calls on the 'on' side",
+    ]
+
+
+def payloads(tag: str, count: int, size: int) -> list[str]:
+    return [f"{tag}-{i:07d}-".ljust(size, "x")[:size] for i in range(count)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        lines = run(args)
+    except BenchError as exc:
+        log(f"benchmark failed: {exc}")
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
