@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import shutil
 import statistics
@@ -28,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydantic import SecretStr
 
 from bench.apps.llmgine_echo import Echo, EchoApp
 from bench.report import Sample, measure, rate_rows
@@ -79,8 +82,8 @@ class Side:
 
     def __init__(self, name: str, env: dict[str, str]) -> None:
         settings = Settings(
-            broker_url=env["LLMGINE_BROKER_URL"],
-            result_backend=env["LLMGINE_RESULT_BACKEND"],
+            broker_url=SecretStr(env["LLMGINE_BROKER_URL"]),
+            result_backend=SecretStr(env["LLMGINE_RESULT_BACKEND"]),
             embedded_worker=False,
             log_jsonl=env["LLMGINE_LOG_JSONL"] == "true",
             metrics=env["LLMGINE_METRICS"] == "true",
@@ -147,9 +150,9 @@ def run(args: argparse.Namespace) -> list[str]:
     samples: dict[str, list[Sample]] = {f"observability {s}": [] for s in SIDES}
     with ExitStack() as stack:
         sides = {side: Side(side, envs[side]) for side in SIDES}
-        for side in sides.values():
-            stack.callback(side.close)
-            prepare_queues(side.app.celery)
+        for copy in sides.values():
+            stack.callback(copy.close)
+            prepare_queues(copy.app.celery)
         workers: dict[str, Worker] = {}
         stack.callback(stop_all, workers.values())
         for side in SIDES:
@@ -164,7 +167,8 @@ def run(args: argparse.Namespace) -> list[str]:
             order = SIDES if round_no % 2 == 0 else tuple(reversed(SIDES))
             for side in order:
                 batch = payloads(f"r{round_no}-{side}", args.n, args.payload_bytes)
-                sample = measure([workers[side]], args.n, lambda s=side, b=batch: sides[s].burst(b))
+                burst = functools.partial(sides[side].burst, batch)
+                sample = measure([workers[side]], args.n, burst)
                 samples[f"observability {side}"].append(sample)
                 log(f"  {side:<4} {args.n / sample.wall:8.0f} calls/s ({sample.wall:.2f}s)")
         for worker in workers.values():
