@@ -14,6 +14,9 @@ from llmgine_celery import ApplicationBootstrap, ApplicationConfig, Command, Eve
 from llmgine_celery.bus.registry import RetryPolicy
 
 APP_NAME = "obs-app"
+ROUTED_NAME = "obs-routed"
+#: the queue RoutedObsApp sends Ask to (a prefork worker of its own consumes it)
+PREFORK_QUEUE = "obs.prefork"
 LISTENERS = "obs-listeners"
 FAST_RETRY = RetryPolicy(max_retries=2, backoff=0.05, backoff_max=0.2)
 
@@ -68,5 +71,15 @@ class ObsApp(ApplicationBootstrap):
         raise ValueError(f"cannot handle {event.text}")
 
 
+class RoutedObsApp(ObsApp):
+    """The same handlers, with Ask routed to its own queue."""
+
+    def _register_command_handlers(self) -> None:
+        self.register_command_handler(Ask, self.ask, queue=PREFORK_QUEUE)
+        self.register_command_handler(Fail, self.fail)
+
+
 app = ObsApp(ApplicationConfig(name=APP_NAME))
 celery = app.celery
+routed = RoutedObsApp(ApplicationConfig(name=ROUTED_NAME))
+routed_celery = routed.celery

@@ -43,3 +43,22 @@ def test_the_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     assert "CountTokens -> success=True result=4" in text
     assert "answer recorded: 'command every carries celery'" in text
     assert text.rstrip().endswith("demo: done")
+
+
+def test_a_failing_log_sink_is_reported_once_and_breaks_nothing(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "logs"
+    not_a_folder.write_text("a file where the log folder should be\n")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "seed_example.py")],
+        cwd=tmp_path,
+        env=clean_env(LLMGINE_LOG_DIR=str(not_a_folder)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=120,
+    )
+    text = out.stdout.decode()
+    assert out.returncode == 0, text
+    assert "Command result: success=True result='Command processed'" in text
+    assert "Event handled: Something happened" in text
+    assert text.count("observability sink") == 1, text  # reported once, then hidden
+    assert "JsonlSink" in text

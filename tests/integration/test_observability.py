@@ -21,7 +21,17 @@ import pytest
 
 from llmgine_celery import ApplicationConfig, Settings
 from llmgine_celery.bus import topology
-from tests.integration.obs_apps import APP_NAME, LISTENERS, Ask, Doomed, Fail, ObsApp
+from tests.integration.obs_apps import (
+    APP_NAME,
+    LISTENERS,
+    PREFORK_QUEUE,
+    ROUTED_NAME,
+    Ask,
+    Doomed,
+    Fail,
+    ObsApp,
+    RoutedObsApp,
+)
 from tests.support import (
     DEPLOYMENTS,
     REPO,
@@ -223,3 +233,51 @@ def test_celery_beat_records_its_start(logged: Logged, tmp_path: Path) -> None:
     finally:
         beat.terminate()
         beat.wait(20)
+
+
+def test_prefork_children_share_the_rotating_file_without_losing_or_tearing_lines(
+    logged: Logged, tmp_path: Path
+) -> None:
+    broker, backend = DEPLOYMENTS[logged.broker_name]
+    logs = tmp_path / "prefork-logs"
+    settings = logged.app.settings.model_copy(update={"log_jsonl": False})
+    producer = RoutedObsApp(ApplicationConfig(name=ROUTED_NAME, settings=settings))
+    producer.declare()
+    worker = start_worker(
+        "tests.integration.obs_apps:routed_celery",
+        broker,
+        backend,
+        pool="prefork",
+        concurrency=3,
+        log_dir=tmp_path,
+        env={
+            "LLMGINE_LOG_DIR": str(logs),
+            "LLMGINE_METRICS": "false",
+            "LLMGINE_LOG_MAX_BYTES": "20000",  # rotates every ~15 records
+            "LLMGINE_LOG_BACKUPS": "200",  # keeps them all, to count them
+        },
+        extra_args=("-Q", PREFORK_QUEUE),
+    )
+    commands = [Ask(prompt=f"p{i}") for i in range(150)]
+
+    async def run_all() -> list[Any]:
+        bus = producer.message_bus
+        try:
+            return list(await asyncio.gather(*(bus.execute(c, timeout=WAIT) for c in commands)))
+        finally:
+            await bus.aclose()
+
+    try:
+        results = asyncio.run(run_all())
+        assert all(r.success for r in results), [r.error for r in results if not r.success][:3]
+    finally:
+        worker.stop()
+        producer.celery.close()
+    files = sorted(logs.glob("*.jsonl*"))
+    assert len(files) > 3  # it did rotate
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    wanted = {c.id for c in commands}
+    for event in ("command.started", "command.result"):
+        ids = [r["command_id"] for r in lines if r["event"] == event and r["command_id"] in wanted]
+        assert sorted(ids) == sorted(wanted), event  # each exactly once
+    assert len({r["pid"] for r in lines if r["event"] == "command.result"}) > 1
