@@ -202,8 +202,6 @@ def _logs(args: argparse.Namespace) -> int:
 
     skipped = logview.Skipped()
     if args.follow:
-        if not log_dir.is_dir():
-            _warn(f"waiting for logs in {log_dir}")
         try:
             lines = 10 if args.lines is None else args.lines
             logview.follow(log_dir, keep, show, skipped, initial=lines, warn=_warn)

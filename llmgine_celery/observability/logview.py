@@ -195,13 +195,17 @@ def _value(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def fields_text(record: Rec, skip: Iterable[str] = ()) -> str:
+    """``key=value`` for each field but the core ones and ``skip``; values quoted when needed."""
+    hidden = {*CORE_KEYS, *skip}
+    return " ".join(f"{k}={_value(v)}" for k, v in record.items() if k not in hidden)
+
+
 def format_line(record: Rec) -> str:
     """One compact human line: time, level, service@host:pid, event, then key=value."""
     where = f"{record.get('service', '-')}@{record.get('hostname', '-')}:{record.get('pid', '-')}"
     head = f"{short_ts(record.get('ts'))} {record.get('level', '-'):<8} {where} "
-    extras = " ".join(
-        f"{key}={_value(value)}" for key, value in record.items() if key not in CORE_KEYS
-    )
+    extras = fields_text(record)
     line = head + str(record.get("event", "-"))
     return f"{line} {extras}" if extras else line
 
@@ -361,6 +365,7 @@ def follow(
         matching = [r for r in follower.snapshot() if keep(r)]
         for record in matching[-initial:] if initial else []:
             show(record)
+        warn(f"following {log_dir} (Ctrl-C stops)")
         while not stop.is_set():
             for record in follower.poll():
                 if keep(record):

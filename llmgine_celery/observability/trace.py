@@ -22,6 +22,8 @@ from llmgine_celery.observability.logview import Rec, ts_key
 Kind = Literal["command", "event"]
 Key = tuple[Kind, str]
 
+_KINDS: tuple[Kind, ...] = ("command", "event")
+
 _SENT = {"command": names.COMMAND_SENT, "event": names.EVENT_PUBLISHED}
 _STARTS = frozenset({names.COMMAND_STARTED, names.HANDLER_STARTED})
 _ENDS = frozenset(
@@ -44,6 +46,8 @@ class Attempt:
 
     start: Rec | None = None
     end: Rec | None = None
+    #: what the handler logged meanwhile (records carrying this run's span id)
+    logs: list[Rec] = field(default_factory=list)
 
     def get(self, key: str) -> Any:
         """``key`` from the end record, else from the start record."""
@@ -116,17 +120,23 @@ class TraceIndex:
 
     def __init__(self, records: Iterable[Rec]) -> None:
         self.messages: dict[Key, list[Rec]] = {}
+        #: application log lines and spans, by the span they were made in
+        self.logs: dict[str, list[Rec]] = {}
         seen: set[str] = set()
         for record in records:
             key = message_key(record)
-            if key is None:
+            span = _log_span(record) if key is None else None
+            if key is None and span is None:
                 continue
             fingerprint = json.dumps(record, sort_keys=True, default=str)
             if fingerprint in seen:  # the same line twice (copied logs, a replayed file)
                 continue
             seen.add(fingerprint)
-            self.messages.setdefault(key, []).append(record)
-        for found in self.messages.values():
+            if key is not None:
+                self.messages.setdefault(key, []).append(record)
+            elif span is not None:
+                self.logs.setdefault(span, []).append(record)
+        for found in [*self.messages.values(), *self.logs.values()]:
             found.sort(key=ts_key)
         self.causes = {key: _cause(key, found) for key, found in self.messages.items()}
         self.children: dict[str, list[Key]] = {}
@@ -172,6 +182,16 @@ def message_key(record: Rec) -> Key | None:
         if task_name.startswith(topology.COMMAND_TASK_PREFIX) or record.get("command_id"):
             return ("command", str(record.get("command_id") or task_id))
     return None
+
+
+def _log_span(record: Rec) -> str | None:
+    """The span an application's log line (or a ``span`` record) was made in."""
+    event = record.get("event")
+    key = "parent_span_id" if event == names.SPAN else "span_id"
+    if event in names.LIFECYCLE and event != names.SPAN:
+        return None
+    span = record.get(key)
+    return str(span) if span else None
 
 
 def _handler_task_event(task_id: object) -> str | None:
@@ -222,11 +242,13 @@ def _build(index: TraceIndex, key: Key, placed: set[Key]) -> Node:
     node.cause = index.causes.get(key)
     if node.cause is not None:
         node.cause_kind = next(
-            (kind for kind, ident in index.messages if ident == node.cause), None
+            (kind for kind in _KINDS if (kind, node.cause) in index.messages), None
         )
     node.session_id = _first(found, "session_id")
     node.trace_id = _first(found, "trace_id")
     node.runs, node.notes = _runs(key[0], found)
+    for attempt in (a for run in node.runs for a in run.attempts):
+        attempt.logs = index.logs.get(str(attempt.get("span_id")), [])
     for child_key in index.children.get(key[1], []):
         _attach(node, _build(index, child_key, placed), index.messages.get(child_key, []))
     return node

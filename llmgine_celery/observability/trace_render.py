@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmgine_celery.observability.logview import Rec, short_ts, ts_key
+from llmgine_celery.observability.logview import Rec, fields_text, short_ts, ts_key
 from llmgine_celery.observability.trace import Attempt, Kind, Node, Run, Trace
+
+#: ids a log line under a run shares with the run: not repeated
+_CORRELATION = ("trace_id", "span_id", "parent_span_id", "causation_id", "session_id")
 
 
 @dataclass
@@ -77,12 +80,14 @@ def _run_line(kind: Kind, run: Run, t0: float) -> Line:
         name = f"{run.group or '?'}/{run.handler or '?'}"
     dead = ", dead-lettered" if run.dead_letters else ""
     if len(run.attempts) == 1:
-        line = Line(f"{name}: {_attempt_text(run.attempts[0], t0)}{dead}")
+        (attempt,) = run.attempts
+        line = Line(f"{name}: {_attempt_text(attempt, t0)}{dead}", _log_lines(attempt, t0))
     else:
         count = len(run.attempts)
         line = Line(f"{name}: {run.status} after {count} attempt{'s' * (count != 1)}{dead}")
         for n, attempt in enumerate(run.attempts, 1):
-            line.children.append(Line(f"attempt {n}: {_attempt_text(attempt, t0)}"))
+            text = f"attempt {n}: {_attempt_text(attempt, t0)}"
+            line.children.append(Line(text, _log_lines(attempt, t0)))
     for record in run.dead_letters:
         line.children.append(_note_line(record, t0))
     line.children.extend(_node_line(child, t0) for child in run.caused)
@@ -100,6 +105,17 @@ def _attempt_text(attempt: Attempt, t0: float) -> str:
     if exception and not str(error or "").startswith(str(exception)):
         error = f"{exception}: {error}" if error else exception
     return f"{text}; error: {error}" if error and attempt.status != "succeeded" else text
+
+
+def _log_lines(attempt: Attempt, t0: float) -> list[Line]:
+    """What the handler logged during ``attempt``, one line each."""
+    lines = []
+    for record in attempt.logs:
+        fields = fields_text(record, _CORRELATION)
+        when = _offset(ts_key(record), t0)
+        text = f"log {record.get('level', '?')} {record.get('event', '?')} {when}"
+        lines.append(Line(f"{text}: {fields}" if fields else text))
+    return lines
 
 
 def _note_line(record: Rec, t0: float) -> Line:
@@ -156,6 +172,7 @@ def _run_json(run: Run) -> dict[str, Any]:
             "status": a.status,
             "started": (a.start or {}).get("ts"),
             "ended": (a.end or {}).get("ts"),
+            "logs": a.logs,
             **{k: a.get(k) for k in (*keys, "outcome", "error", "exception")},
         }
         for a in run.attempts

@@ -308,6 +308,24 @@ def test_an_end_without_its_start_is_still_an_attempt() -> None:
     assert [a.status for a in run.attempts] == ["succeeded", "running"]
 
 
+def test_what_a_handler_logged_shows_under_its_attempt() -> None:
+    log = scenario()
+    log.add("answering", WORKER, span_id="span-C1", prompt="hi there", causation_id="C1")
+    log.add("span", WORKER, span="llm call", span_id="inner", parent_span_id="span-C1")
+    log.add("thinking", WORKER, span_id="span-E1-alpha-flaky-1", step=2)
+    log.add("elsewhere", WORKER, span_id="some-other-span")
+    trace = build_trace(TraceIndex(log.records), ("command", "C1"))
+    (attempt,) = trace.root.runs[0].attempts
+
+    assert [r["event"] for r in attempt.logs] == ["answering", "span"]
+    flaky = run_of(trace.root.runs[0].caused[0], "alpha", "flaky")
+    assert [[r["event"] for r in a.logs] for a in flaky.attempts] == [[], ["thinking"], []]
+    text = render(trace)
+    assert "log INFO answering at +" in text and 'prompt="hi there"' in text
+    assert "causation_id" not in text and "elsewhere" not in text
+    assert to_json(trace)["root"]["runs"][0]["attempts"][0]["logs"][0]["prompt"] == "hi there"
+
+
 def test_records_trace_does_not_use_are_ignored() -> None:
     log = scenario()
     log.add("worker.ready", WORKER, worker="celery@worker-host")
