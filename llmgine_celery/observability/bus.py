@@ -158,16 +158,24 @@ class ObservabilityBus:
 
     def emit(self, record: Record) -> None:
         """Give ``record`` to every sink; no sink can break the caller."""
-        self._each(lambda sink: sink.emit(record))
+        for sink in self._sinks:  # the hot path: no closure per record
+            try:
+                sink.emit(record)
+            except Exception:
+                self._failed(sink)
 
     def _each(self, call: Callable[[Sink], None]) -> None:
         for sink in self._sinks:
             try:
                 call(sink)
-            except Exception:  # an observer must never break the flow
-                if id(sink) not in self._reported:
-                    self._reported.add(id(sink))
-                    logger.exception("observability sink %r failed; later failures hidden", sink)
+            except Exception:
+                self._failed(sink)
+
+    def _failed(self, sink: Sink) -> None:
+        # an observer must never break the flow: told once, then hidden
+        if id(sink) not in self._reported:
+            self._reported.add(id(sink))
+            logger.exception("observability sink %r failed; later failures hidden", sink)
 
     def close(self) -> None:
         """Close every sink."""

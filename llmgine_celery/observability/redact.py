@@ -39,6 +39,9 @@ JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, J
 MASK = "***"
 #: distinct keys a Redactor remembers the redaction of
 KEY_CACHE_SIZE = 4096
+#: short strings (up to TEXT_CACHE_CHARS) a Redactor remembers the redaction of
+TEXT_CACHE_SIZE = 1024
+TEXT_CACHE_CHARS = 80
 
 _SECRET_WORDS = frozenset(
     {"password", "passwords", "passwd", "passphrase", "secret", "secrets"}
@@ -88,6 +91,8 @@ class Redactor:
         self.max_items = max_items
         #: redacted form and sensitivity of keys seen: records reuse a few dozen names
         self._keys: dict[str, tuple[str, bool]] = {}
+        #: redacted short strings seen: task names, queues, types repeat in every record
+        self._texts: dict[str, str] = {}
 
     def __call__(self, value: object) -> JsonValue:
         """A redacted, JSON-safe deep copy of ``value``; never raises."""
@@ -112,7 +117,7 @@ class Redactor:
     def _value(self, value: object, depth: int, path: set[int]) -> JsonValue:
         kind = type(value)  # exact types first: most values of a record are plain
         if kind is str:
-            return self.text(value)  # type: ignore[arg-type]
+            return self._short_text(value)  # type: ignore[arg-type]
         if value is None or kind is bool or (kind is int and value.bit_length() <= 256):  # type: ignore[attr-defined]
             return value  # type: ignore[return-value]
         if value is None or isinstance(value, str | bool | int | float):
@@ -144,14 +149,17 @@ class Redactor:
     def _container(self, value: Any, depth: int, path: set[int]) -> JsonValue:
         if isinstance(value, Mapping):
             out: dict[str, JsonValue] = {}
-            for i, (key, item) in enumerate(value.items()):
-                if i == self.max_items:
-                    out["…"] = f"+{len(value) - i} keys"
-                    break
+            pairs: Iterable[tuple[Any, Any]] = value.items()
+            extra = len(value) - self.max_items
+            if extra > 0:
+                pairs = list(pairs)[: self.max_items]
+            for key, item in pairs:
                 shown, sensitive = self._key(key if isinstance(key, str) else _describe(key))
                 # None stays visible: "no API key was set" is worth seeing in a log
                 hidden = sensitive and item is not None
                 out[shown] = MASK if hidden else self._value(item, depth + 1, path)
+            if extra > 0:
+                out["…"] = f"+{extra} keys"
             return out
         items: list[JsonValue] = []
         for i, item in enumerate(value):
@@ -160,6 +168,16 @@ class Redactor:
                 break
             items.append(self._value(item, depth + 1, path))
         return items
+
+    def _short_text(self, text: str) -> str:
+        if len(text) > TEXT_CACHE_CHARS:
+            return self.text(text)
+        known = self._texts.get(text)
+        if known is None:
+            if len(self._texts) >= TEXT_CACHE_SIZE:
+                self._texts.clear()  # unique ids churn it; the repeated strings come back
+            known = self._texts[text] = self.text(text)
+        return known
 
     def _key(self, name: str) -> tuple[str, bool]:
         known = self._keys.get(name)
