@@ -26,7 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from llmgine_celery.errors import ConfigurationError
 from llmgine_celery.observability import records
-from llmgine_celery.observability.bus import LogLevel, Record
+from llmgine_celery.observability.bus import LogLevel, ObservabilityBus, Record
 from llmgine_celery.observability.metrics import (
     QUEUE_WAIT_BUCKETS,
     RUNTIME_BUCKETS,
@@ -295,6 +295,21 @@ def test_user_label_names_are_fixed_by_the_first_call(sink: MetricsSink) -> None
         sink.count("calls", 1, {"model": "m1"})
     with pytest.raises(ConfigurationError, match="'calls' is a counter"):
         sink.observe("calls", 1, {"model": "m1", "tool": "t"})
+
+
+def test_the_bus_reports_a_label_mismatch_once_and_keeps_counting(
+    sink: MetricsSink, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = ObservabilityBus("svc", [sink])
+    bus.count("tool_calls", tool="search")
+    with caplog.at_level(logging.ERROR, "llmgine_celery.observability"):
+        bus.count("tool_calls", model="m")
+        bus.count("tool_calls", model="m")
+    bus.count("tool_calls", 2, tool="search")
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "tool_calls" in caplog.text and "['tool']" in caplog.text
+    assert value(registry, "tool_calls_total", tool="search") == 3.0
 
 
 @pytest.mark.parametrize(
