@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmgine_celery.cli import main
+from llmgine_celery.cli import build_parser, main
 from llmgine_celery.observability import LogLevel, Record
 from llmgine_celery.observability.appendfile import AppendFile, Rotation
 from llmgine_celery.observability.jsonl import JsonlSink
@@ -22,7 +23,7 @@ from llmgine_celery.observability.logview import (
     follow,
     log_files,
 )
-from tests.support import wait_for
+from tests.support import REPO, wait_for
 from tests.unit.test_trace import scenario
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -309,3 +310,16 @@ def test_follow_prints_new_records_across_rotations_until_stopped(tmp_path: Path
     assert [r["seq"] for r in shown[:2]] == [3, 4]
     assert sorted(r["seq"] for r in shown[2:]) == list(range(5, total))  # each once
     assert len(list(tmp_path.glob("worker.jsonl.*"))) >= 3  # it did rotate
+
+
+# -- docs ---------------------------------------------------------------------------
+
+
+def test_every_command_in_the_tracing_docs_parses() -> None:
+    docs = (REPO / "docs" / "tracing.md").read_text()
+    commands = [line[2:] for line in docs.splitlines() if line.startswith("$ llmgine-celery ")]
+    assert len(commands) >= 6
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])
+        assert args.command in {"trace", "logs"}
