@@ -299,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LLMgineError as exc:
         print(f"llmgine-celery: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``| head``): stop quietly, as Unix tools do, and
+        # point stdout at /dev/null so the interpreter's last flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

@@ -10,6 +10,7 @@ there) and reads the new one from its start.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import threading
@@ -214,8 +215,16 @@ def last_matching(
     log_dir: Path, keep: RecordFilter, count: int | None, skipped: Skipped
 ) -> list[Rec]:
     """The last ``count`` records (all when None) that ``keep`` accepts, in ``ts`` order."""
-    found = merged(r for r in read_records(log_dir, skipped) if keep(r))
-    return found if count is None else found[-count:] if count > 0 else []
+    matching = (r for r in read_records(log_dir, skipped) if keep(r))
+    if count is None:
+        return merged(matching)
+
+    def order(pair: tuple[int, Rec]) -> tuple[float, int]:
+        return (ts_key(pair[1]), pair[0])  # equal times keep their file order, as in merged
+
+    # only the newest ``count`` stay in memory, however large the files
+    newest = heapq.nlargest(count, enumerate(matching), key=order)
+    return [record for _, record in sorted(newest, key=order)]
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +23,7 @@ from llmgine_celery.observability.logview import (
     RecordFilter,
     Skipped,
     follow,
+    last_matching,
     log_files,
 )
 from tests.support import REPO, wait_for
@@ -143,6 +146,41 @@ def test_the_human_line_is_compact(log_dir: Path, capsys: pytest.CaptureFixture[
         f"2025-03-01 12:00:00.059 ERROR    worker@{host}:{os.getpid()} handler.failed "
         "task_id=e4:g:h event_id=e4 session_id=s2 seq=59\n"
     )
+
+
+def test_the_last_n_keep_the_merged_order_of_equal_times(tmp_path: Path) -> None:
+    for name, seqs_of in (("a", (0, 2, 4)), ("b", (1, 3, 5))):
+        with (tmp_path / f"{name}.jsonl").open("w") as f:
+            for seq in seqs_of:  # two records per instant: a's first (its file is read first)
+                f.write(json.dumps({"ts": T0.isoformat(), "event": "e", "seq": seq}) + "\n")
+    everything = [r["seq"] for r in last_matching(tmp_path, RecordFilter(), None, Skipped())]
+    assert everything == [0, 2, 4, 1, 3, 5]
+    for n in range(7):
+        found = last_matching(tmp_path, RecordFilter(), n, Skipped())
+        assert [r["seq"] for r in found] == (everything[-n:] if n else [])
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    record = {"ts": T0.isoformat(), "event": "e", "text": "x" * 200}
+    (tmp_path / "big.jsonl").write_text((json.dumps(record) + "\n") * 2_000)  # > a pipe's buffer
+    command = [sys.executable, "-m", "llmgine_celery.cli", "logs", "--log-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline()
+        proc.stdout.close()  # like ``| head -1``
+        err = proc.stderr.read()
+    assert proc.returncode == 0
+    assert b"Traceback" not in err
+
+
+def test_invalid_settings_are_reported_without_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMGINE_LOG_LEVEL", "bogus")
+    code, out, err = run(capsys, "logs")
+    assert (code, out) == (2, "")
+    assert err.startswith("llmgine-celery: invalid LLMGINE_* settings") and "bogus" in err
 
 
 def test_no_logs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
