@@ -87,6 +87,18 @@ class _Store:
         self._lock = threading.Lock()
         #: (name, hostname, queue_name) whose celery_task_* series exist
         self.seen: set[tuple[str, str, str]] = set()
+        #: llmgine's series by (metric, label values): prometheus' labels() is slow
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def child(self, name: str, *values: str) -> Any:
+        """The series of llmgine's metric ``name`` with ``values`` (in its labels' order)."""
+        key = (name, values)
+        found = self._children.get(key)
+        if found is None:
+            spec = DEFINITIONS[name]
+            metric = self.get(spec.kind, name, spec.labels, documentation=spec.doc, **spec.options)
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def get(self, kind: str, name: str, labelnames: Sequence[str], **options: Any) -> Any:
         """The metric ``name``; made now if new, else checked against ``kind`` and labels."""
@@ -124,11 +136,11 @@ class _Default:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def current(self) -> _Store:
-        folder = multiprocess_folder()
+        folder = multiprocess_folder()  # the same object until it changes
         store = self.store
-        if store is None or folder != self.folder:
+        if store is None or folder is not self.folder:
             with self.lock:
-                if self.store is None or folder != self.folder:
+                if self.store is None or folder is not self.folder:
                     if folder is None:
                         note_in_memory_metrics()
                     # in files, metrics need no registry: the server reads the folder
@@ -263,92 +275,84 @@ class MetricsSink(Sink):
         store = self._store()
         name, hostname = _label(fields.get("task_name")), self._host(fields)
         queue = _label(fields.get("queue"))
-        labels = {"name": name, "hostname": hostname, "queue_name": queue}
         if state != "sent" and (name, hostname, queue) not in store.seen:
             store.seen.add((name, hostname, queue))
-            self._zero(labels)
+            self._zero(store, name, hostname, queue)
         if state == "failed":
             exception = _label(fields.get("exception"), "UnknownException")
-            self._metric("celery_task_failed").labels(exception=exception, **labels).inc()
+            store.child("celery_task_failed", name, hostname, exception, queue).inc()
         else:
-            self._metric(TASK_COUNTERS[state]).labels(**labels).inc()
+            store.child(TASK_COUNTERS[state], name, hostname, queue).inc()
         if state == "started":
-            self._started(fields, labels, hostname)
+            wait = _seconds(fields.get("queue_wait_ms"))
+            if wait is not None:
+                store.child("celery_task_queue_wait_time", name, hostname, queue).observe(wait)
+            self._started(store, fields.get("task_id"), hostname)
         elif state == "succeeded":
             seconds = _seconds(fields.get("duration_ms"))
             if seconds is not None:
-                self._metric("celery_task_runtime").labels(**labels).observe(seconds)
+                store.child("celery_task_runtime", name, hostname, queue).observe(seconds)
         if state in _RUN_ENDS:
-            self._ended(fields, hostname)
+            self._ended(store, fields.get("task_id"), hostname)
 
-    def _zero(self, labels: Mapping[str, str]) -> None:
+    def _zero(self, store: _Store, name: str, hostname: str, queue: str) -> None:
         # As celery-exporter does: every stage's series exists from a task's
         # first sighting, so ratios and increase() see a 0 rather than no data.
-        for state, name in TASK_COUNTERS.items():
+        for state, metric in TASK_COUNTERS.items():
             if state == "failed":
-                self._metric(name).labels(exception="", **labels)
+                store.child(metric, name, hostname, "", queue)
             elif state != "sent":
-                self._metric(name).labels(**labels)
+                store.child(metric, name, hostname, queue)
 
-    def _started(self, fields: Mapping[str, Any], labels: Mapping[str, str], host: str) -> None:
-        wait = _seconds(fields.get("queue_wait_ms"))
-        if wait is not None:
-            self._metric("celery_task_queue_wait_time").labels(**labels).observe(wait)
-        task_id = fields.get("task_id")
-        if task_id is not None:
-            with self._lock:
-                new = str(task_id) not in self._active
-                self._active.add(str(task_id))
-            if new:
-                self._metric("celery_worker_tasks_active").labels(hostname=host).inc()
+    def _started(self, store: _Store, task_id: Any, hostname: str) -> None:
+        if task_id is None:
+            return
+        with self._lock:
+            new = str(task_id) not in self._active
+            self._active.add(str(task_id))
+        if new:
+            store.child("celery_worker_tasks_active", hostname).inc()
 
-    def _ended(self, fields: Mapping[str, Any], host: str) -> None:
-        task_id = fields.get("task_id")
+    def _ended(self, store: _Store, task_id: Any, hostname: str) -> None:
         with self._lock:
             started_here = task_id is not None and str(task_id) in self._active
             self._active.discard(str(task_id))
         if started_here:
-            self._metric("celery_worker_tasks_active").labels(hostname=host).dec()
+            store.child("celery_worker_tasks_active", hostname).dec()
 
     def _worker_ready(self, fields: Mapping[str, Any]) -> None:
-        self._metric("celery_worker_up").labels(hostname=self._host(fields)).set(1)
+        self._store().child("celery_worker_up", self._host(fields)).set(1)
 
     def _worker_stopping(self, fields: Mapping[str, Any]) -> None:
-        self._metric("celery_worker_up").labels(hostname=self._host(fields)).set(0)
+        self._store().child("celery_worker_up", self._host(fields)).set(0)
 
     def _command(self, fields: Mapping[str, Any]) -> None:
+        store = self._store()
         command_type = _label(fields.get("command_type"))
-        outcome = _label(fields.get("outcome"))
-        self._metric("llmgine_command").labels(command_type=command_type, outcome=outcome).inc()
+        store.child("llmgine_command", command_type, _label(fields.get("outcome"))).inc()
         seconds = _seconds(fields.get("duration_ms"))
         if seconds is not None:
-            metric = self._metric("llmgine_command_duration_seconds")
-            metric.labels(command_type=command_type).observe(seconds)
+            store.child("llmgine_command_duration_seconds", command_type).observe(seconds)
 
     def _published(self, fields: Mapping[str, Any]) -> None:
         event_type = _label(fields.get("event_type"))
-        self._metric("llmgine_event_published").labels(event_type=event_type).inc()
+        self._store().child("llmgine_event_published", event_type).inc()
 
     def _handler(self, fields: Mapping[str, Any], outcome: str) -> None:
-        labels = {k: _label(fields.get(k)) for k in ("event_type", "group", "handler")}
-        self._metric("llmgine_event_handler").labels(outcome=outcome, **labels).inc()
+        store = self._store()
+        who = tuple(_label(fields.get(k)) for k in ("event_type", "group", "handler"))
+        store.child("llmgine_event_handler", *who, outcome).inc()
         seconds = _seconds(fields.get("duration_ms"))
         if seconds is not None and outcome != "skipped":
-            self._metric("llmgine_event_handler_duration_seconds").labels(**labels).observe(seconds)
+            store.child("llmgine_event_handler_duration_seconds", *who).observe(seconds)
 
     def _dead_letter(self, fields: Mapping[str, Any]) -> None:
-        self._metric("llmgine_dead_letter").labels(kind=_label(fields.get("kind"))).inc()
+        self._store().child("llmgine_dead_letter", _label(fields.get("kind"))).inc()
 
     # -- plumbing -------------------------------------------------------------
 
     def _store(self) -> _Store:
         return self._own if self._own is not None else _default.current()
-
-    def _metric(self, name: str) -> Any:
-        spec = DEFINITIONS[name]
-        return self._store().get(
-            spec.kind, name, spec.labels, documentation=spec.doc, **spec.options
-        )
 
     def _user(self, kind: str, name: str, labels: Mapping[str, str]) -> Any:
         _check_user_metric(kind, name, labels)
