@@ -16,7 +16,12 @@ from llmgine_celery.bus.correlation import from_headers, outgoing_headers
 from llmgine_celery.bus.dead_letters import DeadLetter
 from llmgine_celery.bus.embedded import EmbeddedWorker
 from llmgine_celery.bus.event_consumer import event_consumer_step
-from llmgine_celery.bus.events import declare_groups, event_headers, publish_event
+from llmgine_celery.bus.events import (
+    declare_groups,
+    event_headers,
+    publish_event,
+    published_record,
+)
 from llmgine_celery.bus.handler_tasks import register_handler_task
 from llmgine_celery.bus.message_bus import MessageBus
 from llmgine_celery.bus.registry import CommandRoute, EventRoute, HandlerRegistry, RetryPolicy
@@ -24,7 +29,7 @@ from llmgine_celery.errors import BrokerUnavailableError, ConfigurationError
 from llmgine_celery.messages.commands import Command
 from llmgine_celery.messages.envelope import encode
 from llmgine_celery.messages.events import Event
-from llmgine_celery.observability import LogLevel, ObservabilityBus, records, signals
+from llmgine_celery.observability import LogLevel, ObservabilityBus, context, records, signals
 from llmgine_celery.observability.bus import Record
 from llmgine_celery.observability.observer import TaskObserver
 from llmgine_celery.observability.setup import configure, metrics_hooks
@@ -239,6 +244,9 @@ class ApplicationBootstrap:
             "event_id": data.get("id"),
             "session_id": data.get("session_id"),
         }
+        here = context.current()  # set while a handler task gives up
+        if here is not None:
+            fields.update(trace_id=here.trace_id, span_id=here.span_id)
         fields = {k: v for k, v in fields.items() if v is not None}
         self.obs_bus.emit(Record(LogLevel.WARNING, records.DEAD_LETTER, fields))
 
@@ -264,11 +272,14 @@ class ApplicationBootstrap:
             header_names=topology.CORRELATION_HEADERS,
             on_started=self._sentry.set_tags if self._sentry is not None else None,
         )
-        signals.observe(celery, observer)
-        hooks = metrics_hooks(self.settings)
+        signals.observe(celery, observer, topology.HEADER_SENT_AT)
+        hooks = metrics_hooks(self.settings, self._measured_queues)
         if hooks is not None:
             signals.on_worker_ready(hooks[0])
             signals.on_process_exit(hooks[1])
+
+    def _measured_queues(self) -> list[str]:
+        return [*self._watched_queues(), topology.DEAD_LETTER_QUEUE]
 
     def _command_hooks(self) -> CommandHooks:
         return CommandHooks(
@@ -280,6 +291,7 @@ class ApplicationBootstrap:
         envelope = encode(event)
         headers = event_headers(envelope, outgoing_headers())
         publish_event(self.celery, self._transport(), envelope, headers=headers)
+        self.obs_bus.emit(published_record(envelope, headers, self._transport()))
 
     def _refresh_queues(self) -> None:
         extra = {r.queue for r in self._registry.command_routes if r.queue}

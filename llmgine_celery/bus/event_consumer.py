@@ -205,6 +205,5 @@ def _correlation(headers: Any) -> dict[str, Any]:
         topology.HEADER_TRACE_ID,
         topology.HEADER_PARENT_SPAN_ID,
         topology.HEADER_CAUSATION_ID,
-        topology.HEADER_SENT_AT,
     )
     return {key: headers[key] for key in wanted if key in headers}

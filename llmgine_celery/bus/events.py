@@ -16,6 +16,8 @@ from kombu.entity import Exchange, Queue
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.dead_letters import dead_letter_queue
 from llmgine_celery.messages.envelope import Envelope
+from llmgine_celery.observability import records
+from llmgine_celery.observability.bus import LogLevel, Record
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -80,3 +82,19 @@ def declare_groups(celery: Celery, transport: str, groups: list[str]) -> None:
         for group in groups:
             group_queue(group, transport)(channel).declare()
         dead_letter_queue()(channel).declare()
+
+
+def published_record(envelope: Envelope, headers: Mapping[str, Any], transport: str) -> Record:
+    """The ``event.published`` record of an event sent with ``headers``."""
+    fields = {
+        "event_id": headers.get(topology.HEADER_EVENT_ID),
+        "event_type": envelope["type"],
+        "session_id": headers.get(topology.HEADER_SESSION_ID),
+        "trace_id": headers.get(topology.HEADER_TRACE_ID),
+        "parent_span_id": headers.get(topology.HEADER_PARENT_SPAN_ID),
+        "causation_id": headers.get(topology.HEADER_CAUSATION_ID),
+        "messaging.system": transport,
+        "messaging.destination.name": topology.EVENTS_EXCHANGE,
+    }
+    present = {k: v for k, v in fields.items() if v is not None}
+    return Record(LogLevel.INFO, records.EVENT_PUBLISHED, present)

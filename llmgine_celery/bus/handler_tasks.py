@@ -18,13 +18,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from llmgine_celery.bus import topology
+from llmgine_celery.bus.correlation import outgoing_headers
 from llmgine_celery.bus.dead_letters import HANDLER_FAILED, DeadLetter, send_dead_letter
-from llmgine_celery.bus.events import publish_event
+from llmgine_celery.bus.events import event_headers, publish_event, published_record
 from llmgine_celery.bus.registry import EventRoute, HandlerRegistry
 from llmgine_celery.bus.runtime import call_handler
 from llmgine_celery.messages.envelope import encode
 from llmgine_celery.messages.events import Event
 from llmgine_celery.messages.system import EventHandlerFailedEvent
+from llmgine_celery.observability import signals
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -148,5 +150,10 @@ def _give_up(
         dead_letter_id=record.id,
         session_id=event.session_id,
     )
-    publish_event(celery, transport, encode(failed))
+    failed_envelope = encode(failed)
+    headers = event_headers(failed_envelope, outgoing_headers())  # in the run's trace
+    publish_event(celery, transport, failed_envelope, headers=headers)
+    observer = signals.observer_of(celery)
+    if observer is not None:
+        observer.bus.emit(published_record(failed_envelope, headers, transport))
     return record

@@ -18,7 +18,12 @@ from llmgine_celery.bus import results, topology
 from llmgine_celery.bus.celery_app import transport_of
 from llmgine_celery.bus.confirms import ConfirmChannel
 from llmgine_celery.bus.correlation import outgoing_headers
-from llmgine_celery.bus.events import event_headers, events_exchange, publish_event
+from llmgine_celery.bus.events import (
+    event_headers,
+    events_exchange,
+    publish_event,
+    published_record,
+)
 from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.bus.sender import CommandSender
@@ -237,20 +242,8 @@ class MessageBus:
         return functools.partial(self._confirmed, confirm)
 
     def _published(self, envelope: Envelope, headers: dict[str, Any]) -> None:
-        if self._obs is None:
-            return
-        fields = {
-            "event_id": headers.get(topology.HEADER_EVENT_ID),
-            "event_type": envelope["type"],
-            "session_id": headers.get(topology.HEADER_SESSION_ID),
-            "trace_id": headers.get(topology.HEADER_TRACE_ID),
-            "parent_span_id": headers.get(topology.HEADER_PARENT_SPAN_ID),
-            "causation_id": headers.get(topology.HEADER_CAUSATION_ID),
-            "messaging.system": self._transport,
-            "messaging.destination.name": topology.EVENTS_EXCHANGE,
-        }
-        fields = {k: v for k, v in fields.items() if v is not None}
-        self._obs.emit(Record(LogLevel.INFO, records.EVENT_PUBLISHED, fields))
+        if self._obs is not None:
+            self._obs.emit(published_record(envelope, headers, self._transport))
 
     def _timed_out(self, command_id: str, command_type: str, waited: float) -> CommandResult:
         if self._obs is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from llmgine_celery.bus import topology
@@ -82,8 +81,6 @@ class TaskSender:
             kwargsrepr="{}",
             ignore_result=ignore_result,
         )
-        sent = {topology.HEADER_SENT_AT: time.time()}
-        headers = {**headers, **sent} if headers else sent
         with celery.producer_or_acquire(producer) as pooled, signals.publishing(celery):
             celery.amqp.send_task_message(pooled, name, message, headers=headers, **options)
         if first:

@@ -10,10 +10,12 @@ handler sends joins the trace) and its start time.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from llmgine_celery.observability import context, records
@@ -121,9 +123,9 @@ class TaskObserver:
             state="started",
             worker=getattr(request, "hostname", None),
         )
-        sent_at = headers.get(self._h["sent_at"])
-        if isinstance(sent_at, int | float):
-            fields["queue_wait_ms"] = round(max(0.0, time.time() - sent_at) * 1000, 3)
+        waited = _queue_wait(headers.get(self._h["sent_at"]), getattr(request, "eta", None))
+        if waited is not None:
+            fields["queue_wait_ms"] = waited
         token = context.activate(correlation)
         with self._lock:
             self._runs[str(request.id)] = _Run(time.perf_counter(), token, fields)
@@ -206,7 +208,8 @@ class TaskObserver:
         return fields
 
     def _emit(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
-        self.bus.emit(Record(level=level, event=event, fields=fields))
+        present = {k: v for k, v in fields.items() if v is not None}
+        self.bus.emit(Record(level=level, event=event, fields=present))
 
 
 class _RequestHeaders(Mapping[str, Any]):
@@ -250,3 +253,14 @@ def _command_outcome(result: Any) -> tuple[str, str | None]:
         outcome = "invalid"
     error = result.get("error")
     return str(outcome), error if isinstance(error, str) else None
+
+
+def _queue_wait(sent_at: Any, eta: Any) -> float | None:
+    """Milliseconds since the message was sent, or since its ETA (a retry's backoff is no wait)."""
+    if not isinstance(sent_at, int | float):
+        return None
+    ready = float(sent_at)
+    if isinstance(eta, str):
+        with contextlib.suppress(ValueError):
+            ready = max(ready, datetime.fromisoformat(eta).timestamp())
+    return round(max(0.0, time.time() - ready) * 1000, 3)

@@ -40,10 +40,21 @@ _header_sources: list[Callable[[], Mapping[str, Any]]] = []
 #: called with the app when a worker is ready / with a child's pid when it exits
 _on_worker_ready: list[Callable[[Any], None]] = []
 _on_process_exit: list[Callable[[int], None]] = []
+#: apps whose worker runs in this process (worker_ready said so)
+_worker_apps: weakref.WeakSet[Any] = weakref.WeakSet()
+#: the header stamped with each publish's time: a worker measures queue wait from it
+_sent_at_header: str | None = None
 
 
-def observe(app: Any, observer: TaskObserver) -> None:
-    """Send ``app``'s task signals to ``observer``; connects the receivers once."""
+def observe(app: Any, observer: TaskObserver, sent_at_header: str | None = None) -> None:
+    """Send ``app``'s task signals to ``observer``; connects the receivers once.
+
+    ``sent_at_header`` is stamped with the time of every task message published
+    here (retries too), so that a worker's queue wait is this delivery's.
+    """
+    global _sent_at_header
+    if sent_at_header is not None:
+        _sent_at_header = sent_at_header
     setattr(app, ATTRIBUTE, observer)
     with _lock:
         _apps.add(app)
@@ -109,6 +120,8 @@ def _for_published(task_name: str) -> TaskObserver | None:
 def _before_publish(sender: str | None = None, headers: Any = None, **_: Any) -> None:
     if not isinstance(headers, dict):
         return
+    if _sent_at_header is not None:
+        headers[_sent_at_header] = time.time()
     for source in _header_sources:
         for key, value in source().items():
             headers.setdefault(key, value)
@@ -229,6 +242,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     observer = observer_of(app)
     if observer is None:
         return
+    _worker_apps.add(app)
     hostname = getattr(sender, "hostname", None)
     observer.stage(records.WORKER_READY, LogLevel.INFO, worker=hostname, worker_pid=os.getpid())
     for callback in _on_worker_ready:
@@ -236,7 +250,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
 
 
 def _worker_stopping(sender: Any = None, sig: Any = None, how: Any = None, **_: Any) -> None:
-    for app in list(_apps):
+    for app in list(_worker_apps):  # not every app the worker's module happens to build
         observer = observer_of(app)
         if observer is not None:
             observer.stage(

@@ -169,6 +169,7 @@ def test_a_failing_command_handler_is_recorded_as_a_failure_result(logged: Logge
     finished = logged.one(event="command.result", command_id=command.id)
     assert finished["outcome"] == "failure"
     assert finished["level"] == "WARNING"
+    assert "error" not in logged.one(event="command.started", command_id=command.id)
     assert finished["error"] == "RuntimeError: no model"
 
 
@@ -182,7 +183,11 @@ def test_handler_retries_failure_and_dead_letter_each_make_one_record(logged: Lo
     assert {r["trace_id"] for r in [*retried, failed]} == {failed["trace_id"]}
     dead = logged.one(event="dead_letter", event_id=event.id)
     assert dead["kind"] == "handler_failed" and dead["handler"] == "doomed"
-    assert dead["attempts"] == 3
+    assert dead["attempts"] == 3 and dead["trace_id"] == failed["trace_id"]
+    # the failure announcement joins the trace, caused by the event that failed
+    announced = logged.one(event="event.published", causation_id=event.id)
+    assert announced["event_type"] == "EventHandlerFailedEvent"
+    assert announced["trace_id"] == failed["trace_id"]
     assert logged.one(event="event.published", event_id=event.id)["pid"] != failed["pid"]
 
 

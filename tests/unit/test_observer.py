@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from celery import signals as celery_signals
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.correlation import from_headers, outgoing_headers
-from llmgine_celery.observability import context, records
+from llmgine_celery.observability import context, records, signals
 from llmgine_celery.observability.bus import ObservabilityBus, Record, Sink
 from llmgine_celery.observability.observer import TaskObserver
 
@@ -167,3 +171,28 @@ def test_other_tasks_keep_the_generic_names() -> None:
         records.TASK_SUCCEEDED,
     ]
     assert "command_id" not in keep.records[1].fields
+
+
+def test_queue_wait_counts_from_the_send_or_from_a_retrys_eta() -> None:
+    watch, keep = observer()
+    now = time.time()
+    sent = command_request("c9", "d" * 32)
+    sent.headers[topology.HEADER_SENT_AT] = now - 2.0
+    watch.started("llmgine.command.Ask", sent)
+    watch.ended(sent)
+    retry = command_request("c9", "d" * 32)
+    retry.headers[topology.HEADER_SENT_AT] = now - 2.0
+    retry.eta = datetime.fromtimestamp(now - 0.5, UTC).isoformat()  # type: ignore[attr-defined]
+    watch.started("llmgine.command.Ask", retry)
+    watch.ended(retry)
+    first, second = (r.fields["queue_wait_ms"] for r in keep.records)
+    assert 2000 <= first < 3000  # waited since it was sent
+    assert 500 <= second < 1500  # the backoff before the ETA is no wait
+
+
+def test_every_publish_is_stamped_with_its_own_send_time() -> None:
+    headers: dict[str, Any] = {topology.HEADER_SENT_AT: 1.0}  # a retry keeps the first stamp
+    signals.observe(object.__new__(type("App", (), {})), observer()[0], topology.HEADER_SENT_AT)
+    before = time.time()
+    celery_signals.before_task_publish.send(sender="llmgine.command.Ask", headers=headers, body=())
+    assert headers[topology.HEADER_SENT_AT] >= before
