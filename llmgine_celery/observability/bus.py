@@ -59,8 +59,9 @@ class Sink:
 class ConsoleSink(Sink):
     """Human-readable lines on a stream (stderr by default).
 
-    Shows what applications log; the framework's own lifecycle records (one
-    per send, run, result...) only with ``lifecycle=True``.
+    Shows what applications log; of the framework's own lifecycle records (one
+    per send, run, result...) only warnings and errors (failures, retries, dead
+    letters), unless ``lifecycle=True``.
     """
 
     def __init__(
@@ -77,7 +78,8 @@ class ConsoleSink(Sink):
     def emit(self, record: Record) -> None:
         if record.level < self._level:
             return
-        if not self._lifecycle and record.event in records.LIFECYCLE:
+        quiet = record.level < LogLevel.WARNING and record.event in records.LIFECYCLE
+        if quiet and not self._lifecycle:
             return
         stream = self._stream or sys.stderr
         extras = " ".join(f"{k}={v}" for k, v in record.fields.items() if v is not None)

@@ -93,8 +93,10 @@ def test_the_console_shows_lifecycle_records_only_when_asked() -> None:
     quiet, loud = io.StringIO(), io.StringIO()
     bus = ObservabilityBus("svc", [ConsoleSink(quiet), ConsoleSink(loud, lifecycle=True)])
     bus.emit(Record(LogLevel.INFO, records.COMMAND_SENT, {"command_id": "c1"}))
+    bus.emit(Record(LogLevel.WARNING, records.DEAD_LETTER, {"dead_letter_id": "d1"}))
     bus.log(LogLevel.INFO, "user line")
     assert "command.sent" not in quiet.getvalue() and "user line" in quiet.getvalue()
+    assert "dead_letter dead_letter_id=d1" in quiet.getvalue()  # warnings always show
     assert "command.sent command_id=c1" in loud.getvalue()
 
 
