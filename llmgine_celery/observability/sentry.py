@@ -132,7 +132,13 @@ def trace_headers() -> dict[str, Any]:
     """
     if not is_active():
         return {}
-    found: dict[str, Any] = dict(sentry_sdk.get_current_scope().iter_trace_propagation_headers())
+    scope = sentry_sdk.get_current_scope()
+    span = _open_span(scope)
+    found: dict[str, Any] = dict(
+        scope.iter_trace_propagation_headers(span=span)
+        if span is not None
+        else scope.get_active_propagation_context().iter_headers()
+    )
     if not found:
         return {}
     found[ENQUEUED_HEADER] = time.time()
@@ -180,7 +186,8 @@ def producer_span(
     with sentry_sdk.new_scope() as scope:
         _tag(scope, fields)
         span: Any
-        if scope.span is None:
+        parent = _open_span(scope)
+        if parent is None:
             trace_id = fields.get("trace_id")
             transaction = Transaction(
                 op=OP.QUEUE_PUBLISH, name=task_name, source="task", origin=ORIGIN
@@ -189,7 +196,7 @@ def producer_span(
                 transaction.trace_id = str(trace_id)  # one id for llmgine's trace and Sentry's
             span = sentry_sdk.start_transaction(transaction)
         else:
-            span = scope.span.start_child(op=OP.QUEUE_PUBLISH, name=task_name, origin=ORIGIN)
+            span = parent.start_child(op=OP.QUEUE_PUBLISH, name=task_name, origin=ORIGIN)
         with span:
             span.set_data(SPANDATA.MESSAGING_MESSAGE_ID, message_id)
             if queue is not None:
@@ -202,7 +209,7 @@ def current_trace_id() -> str | None:
     if not is_active():
         return None
     scope = sentry_sdk.get_current_scope()
-    span = scope.span
+    span = _open_span(scope)
     if span is not None:
         return str(span.trace_id)
     return str(scope.get_active_propagation_context().trace_id)
@@ -233,6 +240,21 @@ def capture_error(exc: BaseException) -> None:
 
 
 # -- internals ------------------------------------------------------------
+
+
+def _open_span(scope: Any) -> Any:
+    """The scope's span, if the transaction it belongs to is still open; else None.
+
+    Without sentry-sdk's AsyncioIntegration, asyncio tasks (and threads started
+    with a copied context) share one scope, and a span of another task can be
+    left on it: sentry-sdk's redis.asyncio spans are never exited when the
+    command raises or is cancelled. Such a span is no parent for a message.
+    """
+    span = scope.span
+    transaction = getattr(span, "containing_transaction", None)
+    if span is None or transaction is None or transaction.timestamp is not None:
+        return None
+    return span if span.timestamp is None else transaction
 
 
 def _tag(scope: Any, fields: Mapping[str, Any]) -> None:

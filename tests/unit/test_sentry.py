@@ -320,6 +320,35 @@ def test_producer_span_inside_a_transaction_is_its_child(active: list[dict[str, 
     assert h["sentry-trace"] == f"{view.trace_id}-{span['span_id']}-1"
 
 
+def test_a_span_left_on_the_scope_is_no_parent(active: list[dict[str, Any]]) -> None:
+    """As sentry-sdk's redis.asyncio spans are left when a command raises or is cancelled."""
+    stale = sentry_sdk.start_span(op="db.redis", name="MGET")  # no transaction: detached
+    stale.__enter__()
+    try:
+        headers = sentry.trace_headers()
+        assert headers["sentry-trace"].split("-")[0] == sentry.current_trace_id()
+        with sentry.producer_span("llmgine.command.Ask", "c-9", fields={"trace_id": TRACE_ID}) as h:
+            assert h["sentry-trace"].startswith(f"{TRACE_ID}-")
+    finally:
+        stale.__exit__(None, None, None)
+    (transaction,) = payloads("transaction")
+    assert transaction["contexts"]["trace"]["parent_span_id"] is None
+
+
+def test_a_finished_transaction_left_on_the_scope_is_no_parent(
+    active: list[dict[str, Any]],
+) -> None:
+    done = sentry_sdk.start_transaction(op="http.server", name="earlier request")
+    done.__enter__()
+    done.finish()  # finished, but still the scope's span
+    try:
+        assert not sentry.trace_headers()["sentry-trace"].startswith(done.trace_id)
+        with sentry.producer_span("llmgine.command.Ask", "c-9", fields={"trace_id": TRACE_ID}) as h:
+            assert h["sentry-trace"].startswith(f"{TRACE_ID}-")
+    finally:
+        done.__exit__(None, None, None)
+
+
 # -- beat entries as crons -----------------------------------------------------
 
 
