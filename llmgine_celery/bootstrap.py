@@ -25,6 +25,7 @@ from llmgine_celery.bus.events import (
 from llmgine_celery.bus.handler_tasks import register_handler_task
 from llmgine_celery.bus.message_bus import MessageBus
 from llmgine_celery.bus.registry import CommandRoute, EventRoute, HandlerRegistry, RetryPolicy
+from llmgine_celery.bus.tracing import NO_TRACER, Tracer
 from llmgine_celery.errors import BrokerUnavailableError, ConfigurationError
 from llmgine_celery.messages.commands import Command
 from llmgine_celery.messages.envelope import encode
@@ -147,6 +148,7 @@ class ApplicationBootstrap:
                     self.settings.max_message_bytes,
                     self.settings.rebind_interval,
                     self._on_dead_letter,
+                    self._tracer(),
                 )
             )
         return self._celery
@@ -161,6 +163,7 @@ class ApplicationBootstrap:
                 self.settings,
                 local_only=self.settings.embedded and self.settings.runs_embedded_worker,
                 obs=self.obs_bus,
+                tracer=self._tracer(),
             )
         return self._message_bus
 
@@ -260,8 +263,15 @@ class ApplicationBootstrap:
 
         if not sentry.init_sentry(self.settings, self.name, self.config.sentry_options):
             return None
-        signals.add_header_source(sentry.trace_headers)
         return sentry
+
+    def _tracer(self) -> Tracer:
+        """Sentry's producer spans and header forwarding, when Sentry is on."""
+        if self._sentry is None:
+            return NO_TRACER
+        return Tracer(
+            producer_span=self._sentry.producer_span, forward=self._sentry.forward_trace_headers
+        )
 
     def _observe(self, celery: LLMgineCelery) -> None:
         observer = TaskObserver(

@@ -21,6 +21,7 @@ from llmgine_celery.bus.dead_letters import INVALID_MESSAGE, DeadLetter, raw_tex
 from llmgine_celery.bus.events import event_headers, group_queue
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.bus.sender import TaskSender
+from llmgine_celery.bus.tracing import NO_TRACER, Tracer
 from llmgine_celery.errors import MessageError, UnknownMessageTypeError
 from llmgine_celery.messages.envelope import known_event_type
 
@@ -47,8 +48,10 @@ class GroupDispatcher:
         group: str,
         max_bytes: int,
         on_dead_letter: DeadLetterHook,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self._celery = celery
+        self._forward = tracer.forward
         self._registry = registry
         self._group = group
         self._queue = topology.group_queue_name(group)
@@ -78,7 +81,9 @@ class GroupDispatcher:
         except (MessageError, ValueError, TypeError) as exc:
             self._reject(message, f"invalid event: {exc}", f"{type(exc).__name__}: {exc}")
             return
-        headers = event_headers(body, _correlation(message.headers))
+        incoming = message.headers if isinstance(message.headers, dict) else {}
+        passed = {**_correlation(incoming), **self._forward(incoming)}
+        headers = event_headers(body, passed)
         with self._celery.producer_or_acquire() as producer:
             for route in self._registry.event_routes_for(self._group, event):
                 self._sender.send(
@@ -130,6 +135,7 @@ class EventDispatchStep(bootsteps.ConsumerStep):
     max_bytes: int
     rebind_seconds: float
     on_dead_letter: DeadLetterHook
+    tracer: Tracer = NO_TRACER
     _rebind_timer: Any = None
     _consumers: list[Any]  # kombu Consumers; their channel and queues are set once consuming
 
@@ -152,7 +158,7 @@ class EventDispatchStep(bootsteps.ConsumerStep):
 
     def _consumer(self, c: Any, group: str) -> Consumer:
         dispatcher = GroupDispatcher(
-            c.app, self.registry, group, self.max_bytes, self.on_dead_letter
+            c.app, self.registry, group, self.max_bytes, self.on_dead_letter, self.tracer
         )
         return Consumer(
             c.connection.channel(),
@@ -184,9 +190,11 @@ def event_consumer_step(
     max_bytes: int,
     rebind_seconds: float,
     on_dead_letter: DeadLetterHook,
+    tracer: Tracer = NO_TRACER,
 ) -> type[EventDispatchStep]:
     """The consumer step of one application's groups, for ``celery.steps``."""
     config = {
+        "tracer": tracer,
         "registry": registry,
         "transport": transport,
         "groups": groups,

@@ -91,7 +91,11 @@ def register_handler_task(
             if retries < route.retry.max_retries:
                 countdown = route.retry.delay(retries, random.random)
                 raise self.retry(
-                    exc=exc, countdown=countdown, max_retries=route.retry.max_retries, queue=queue
+                    exc=exc,
+                    countdown=countdown,
+                    max_retries=route.retry.max_retries,
+                    queue=queue,
+                    headers=_message_headers(self.request),
                 ) from exc
             on_dead_letter(_give_up(celery, transport, route, self, envelope, event, exc))
             raise
@@ -103,6 +107,12 @@ def register_handler_task(
         event_handler_task
     )
     return task
+
+
+def _message_headers(request: Any) -> dict[str, Any]:
+    """The llmgine headers of the message being handled (``Task.retry`` drops them)."""
+    names = topology.CORRELATION_HEADERS.values()
+    return {n: getattr(request, n) for n in names if getattr(request, n, None) is not None}
 
 
 def _give_up(
@@ -131,7 +141,8 @@ def _give_up(
         event=envelope,
     )
     send_dead_letter(celery, record)
-    logger.error(
+    # a warning: the failure itself is reported once already (Sentry, handler.failed)
+    logger.warning(
         "%s dead-lettered %s after %d attempts: %s",
         route.task_name,
         event.id,

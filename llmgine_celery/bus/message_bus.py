@@ -28,6 +28,7 @@ from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.bus.sender import CommandSender
 from llmgine_celery.bus.subscriptions import E, Subscription, subscribe
+from llmgine_celery.bus.tracing import NO_TRACER, Tracer
 from llmgine_celery.bus.waiters import PollingResultWaiter, RedisResultWaiter, ResultWaiter
 from llmgine_celery.errors import BrokerUnavailableError
 from llmgine_celery.messages.commands import Command, CommandResult
@@ -44,6 +45,30 @@ if TYPE_CHECKING:
 def _fail_wait(waiter: ResultWaiter, task_id: str, error: BaseException | None) -> None:
     if error is not None:
         waiter.fail(task_id, error)
+
+
+def _command_span(
+    command: Command, envelope: Envelope, correlation: dict[str, Any]
+) -> tuple[str, str, str | None, dict[str, Any]]:
+    fields = {
+        "command_id": command.id,
+        "command_type": envelope["type"],
+        "session_id": command.session_id,
+        "trace_id": correlation.get(topology.HEADER_TRACE_ID),
+    }
+    return topology.command_task_name(envelope["type"]), command.id, None, fields
+
+
+def _event_span(
+    event: Event, envelope: Envelope, correlation: dict[str, Any]
+) -> tuple[str, str, str | None, dict[str, Any]]:
+    fields = {
+        "event_id": event.id,
+        "event_type": envelope["type"],
+        "session_id": event.session_id,
+        "trace_id": correlation.get(topology.HEADER_TRACE_ID),
+    }
+    return f"publish {envelope['type']}", event.id, topology.EVENTS_EXCHANGE, fields
 
 
 @dataclass(frozen=True)
@@ -80,9 +105,11 @@ class MessageBus:
         *,
         local_only: bool = False,
         obs: ObservabilityBus | None = None,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.celery = celery
         self._obs = obs
+        self._span = tracer.producer_span
         self._registry = registry
         self._settings = settings
         #: True when the only worker is in this process (embedded default)
@@ -111,12 +138,16 @@ class MessageBus:
             return missing
         waiter = self._waiter()
         waiter.expect(command.id)
-        # Not awaited: the result wakes this call; a failed send fails the wait.
-        self._publisher.post(
-            functools.partial(self._send, command, envelope, correlation=outgoing_headers()),
-            on_error=functools.partial(_fail_wait, waiter, command.id),
-        )
-        meta = await waiter.wait(command.id, wait_for)
+        correlation = outgoing_headers()
+        with self._span(*_command_span(command, envelope, correlation)) as trace:
+            # Not awaited: the result wakes this call; a failed send fails the wait.
+            self._publisher.post(
+                functools.partial(
+                    self._send, command, envelope, correlation={**correlation, **trace}
+                ),
+                on_error=functools.partial(_fail_wait, waiter, command.id),
+            )
+            meta = await waiter.wait(command.id, wait_for)
         if meta is None:
             return self._timed_out(command.id, envelope["type"], wait_for)
         return results.from_meta(command.id, meta)
@@ -134,7 +165,9 @@ class MessageBus:
         envelope = encode(command)
         missing = self._missing_handler(command)
         if missing is None:
-            self._send(command, envelope, correlation=outgoing_headers())
+            correlation = outgoing_headers()
+            with self._span(*_command_span(command, envelope, correlation)) as trace:
+                self._send(command, envelope, correlation={**correlation, **trace})
         return CommandHandle(command.id, envelope["type"], self, ready=missing)
 
     async def fetch_result(
@@ -175,15 +208,19 @@ class MessageBus:
         confirmation round trip per batch.
         """
         envelope = encode(event)
-        headers = event_headers(envelope, outgoing_headers())
-        await self._publisher.submit(functools.partial(self._publish, envelope, headers))
+        correlation = outgoing_headers()
+        with self._span(*_event_span(event, envelope, correlation)) as trace:
+            headers = event_headers(envelope, {**correlation, **trace})
+            await self._publisher.submit(functools.partial(self._publish, envelope, headers))
         self._published(envelope, headers)
 
     def publish_sync(self, event: Event) -> None:
         """``publish`` for code without an event loop."""
         envelope = encode(event)
-        headers = event_headers(envelope, outgoing_headers())
-        self._publisher.submit_sync(functools.partial(self._publish, envelope, headers))
+        correlation = outgoing_headers()
+        with self._span(*_event_span(event, envelope, correlation)) as trace:
+            headers = event_headers(envelope, {**correlation, **trace})
+            self._publisher.submit_sync(functools.partial(self._publish, envelope, headers))
         self._published(envelope, headers)
 
     def subscribe(

@@ -35,8 +35,6 @@ _publishing: ContextVar[Any] = ContextVar("llmgine_publishing", default=None)
 _connected = False
 _lock = threading.Lock()
 
-#: extra headers for every task message published (Sentry's trace propagation)
-_header_sources: list[Callable[[], Mapping[str, Any]]] = []
 #: called with the app when a worker is ready / with a child's pid when it exits
 _on_worker_ready: list[Callable[[Any], None]] = []
 _on_process_exit: list[Callable[[int], None]] = []
@@ -69,12 +67,6 @@ def publishing(app: Any) -> Iterator[None]:
         yield
     finally:
         _publishing.reset(token)
-
-
-def add_header_source(source: Callable[[], Mapping[str, Any]]) -> None:
-    """Merge ``source()`` into the headers of every task message published here."""
-    if source not in _header_sources:
-        _header_sources.append(source)
 
 
 def on_worker_ready(callback: Callable[[Any], None]) -> None:
@@ -122,9 +114,6 @@ def _before_publish(sender: str | None = None, headers: Any = None, **_: Any) ->
         return
     if _sent_at_header is not None:
         headers[_sent_at_header] = time.time()
-    for source in _header_sources:
-        for key, value in source().items():
-            headers.setdefault(key, value)
 
 
 def _after_publish(
