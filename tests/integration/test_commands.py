@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from kombu import Connection, Producer
@@ -160,14 +161,16 @@ def test_execute_sync_and_send_work_without_an_event_loop(deployment: Deployment
     assert deployment.run(handle.wait(timeout=30)).result["tag"] == "later"
 
 
-def test_a_result_can_be_fetched_by_id_from_another_process(deployment: Deployment) -> None:
+def test_a_result_can_be_fetched_by_id_from_another_process(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     handle = deployment.app.message_bus.send(WhereAmI(tag="elsewhere"))
     broker, backend = deployment.app.settings.broker(), deployment.app.settings.backend()
     script = (
         "import asyncio, sys\n"
         "from tests.integration.conftest import producer_app\n"
         "from pathlib import Path\n"
-        f"app = producer_app({broker!r}, {backend!r}, Path('.'))\n"
+        f"app = producer_app({broker!r}, {backend!r}, Path({str(tmp_path)!r}))\n"
         f"r1 = app.message_bus.fetch_result_sync({handle.command_id!r}, timeout=30)\n"
         f"r2 = asyncio.run(app.message_bus.fetch_result({handle.command_id!r}, timeout=30))\n"
         "print(r1.result['tag'], r2.result['tag'], r1.command_id == r2.command_id)\n"
