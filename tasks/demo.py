@@ -27,7 +27,10 @@ async def main() -> None:
         handle = app.message_bus.send(CountTokens(text="sent now, fetched later"))
         later = await handle.wait(timeout=30)
         print(f"send + fetch by id {handle.command_id} -> result={later.result!r}")
-        print(f"demo: handled in worker process {os.getpid()} (embedded worker)")
+        if app.settings.runs_embedded_worker:
+            print(f"demo: handled by the embedded worker, in this process ({os.getpid()})")
     finally:
         await app.shutdown()
+    print(f"demo: records in {app.settings.logs}; the first command's causal tree:")
+    print(f"  llmgine-celery trace {answer.command_id}")
     print("demo: done")

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from llmgine_celery.observability import context, records
@@ -96,11 +96,14 @@ class TaskObserver:
         fields = self.message_fields(task_name, headers)
         fields.update(queue=queue, state="sent")
         kind = self.kind(task_name)
+        # Stamped before the publish: a worker may record the start before this runs.
+        sent_at = headers.get(self._h["sent_at"])
+        ts = _iso(sent_at) if isinstance(sent_at, int | float) else None
         if kind == "command":
-            self._emit(LogLevel.INFO, records.COMMAND_SENT, fields)
+            self._emit(LogLevel.INFO, records.COMMAND_SENT, fields, ts)
         else:  # handler tasks are sent by dispatchers: one per handler and event
             level = LogLevel.DEBUG if kind == "handler" else LogLevel.INFO
-            self._emit(level, records.TASK_SENT, fields)
+            self._emit(level, records.TASK_SENT, fields, ts)
 
     # -- worker side ---------------------------------------------------------
 
@@ -207,9 +210,14 @@ class TaskObserver:
         fields["retries"] = getattr(request, "retries", 0) or 0
         return fields
 
-    def _emit(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
+    def _emit(
+        self, level: LogLevel, event: str, fields: dict[str, Any], ts: str | None = None
+    ) -> None:
         present = {k: v for k, v in fields.items() if v is not None}
-        self.bus.emit(Record(level=level, event=event, fields=present))
+        record = Record(level=level, event=event, fields=present)
+        if ts is not None:
+            record.ts = ts
+        self.bus.emit(record)
 
 
 class _RequestHeaders(Mapping[str, Any]):
@@ -264,3 +272,7 @@ def _queue_wait(sent_at: Any, eta: Any) -> float | None:
         with contextlib.suppress(ValueError):
             ready = max(ready, datetime.fromisoformat(eta).timestamp())
     return round(max(0.0, time.time() - ready) * 1000, 3)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()

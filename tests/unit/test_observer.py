@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from celery import signals as celery_signals
 
 from llmgine_celery.bus import topology
@@ -196,3 +197,11 @@ def test_every_publish_is_stamped_with_its_own_send_time() -> None:
     before = time.time()
     celery_signals.before_task_publish.send(sender="llmgine.command.Ask", headers=headers, body=())
     assert headers[topology.HEADER_SENT_AT] >= before
+
+
+def test_a_sent_record_is_dated_when_the_message_was_stamped_not_after_the_publish() -> None:
+    watch, keep = observer()
+    stamped = time.time() - 5.0  # as if the publish itself had taken five seconds
+    watch.sent("llmgine.command.Ask", {"id": "c7", topology.HEADER_SENT_AT: stamped}, "q")
+    (sent,) = keep.records
+    assert datetime.fromisoformat(sent.ts).timestamp() == pytest.approx(stamped, abs=1e-3)
