@@ -34,6 +34,7 @@ from llmgine_celery.observability import LogLevel, ObservabilityBus, context, re
 from llmgine_celery.observability.bus import Record
 from llmgine_celery.observability.observer import TaskObserver
 from llmgine_celery.observability.setup import configure, metrics_hooks
+from llmgine_celery.observability.threaded import flush_all
 from llmgine_celery.settings import Settings, redact_url
 
 C = TypeVar("C", bound=Command)
@@ -283,6 +284,7 @@ class ApplicationBootstrap:
             on_started=self._sentry.set_tags if self._sentry is not None else None,
         )
         signals.observe(celery, observer, topology.HEADER_SENT_AT)
+        signals.on_process_exit(_flush_sinks)  # a prefork child's queued records
         hooks = metrics_hooks(self.settings, self._measured_queues)
         if hooks is not None:
             signals.on_worker_ready(hooks[0])
@@ -344,3 +346,7 @@ class ApplicationBootstrap:
             ) from exc
         finally:
             client.close()
+
+
+def _flush_sinks(pid: int) -> None:
+    flush_all()

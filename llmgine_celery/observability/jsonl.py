@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from llmgine_celery.observability.appendfile import AppendFile, Rotation
@@ -23,6 +23,8 @@ from llmgine_celery.observability.bus import LogLevel, Record, Sink
 from llmgine_celery.observability.redact import JsonValue, Redactor
 
 MAX_LINE_BYTES = 64 * 1024
+#: bytes of whole lines ``emit_many`` joins into one write
+MAX_WRITE_BYTES = 1024 * 1024
 CORE_KEYS = ("ts", "level", "event", "service", "hostname", "pid")
 STANDARD_KEYS = (
     *("task_id", "task_name", "queue", "retries", "command_id", "event_id", "session_id"),
@@ -55,10 +57,30 @@ class JsonlSink(Sink):
         """The current file; backups are ``<path>.1`` (newest) to ``<path>.<backups>``."""
         return self._file.path
 
+    def wants(self, record: Record) -> bool:
+        """Whether ``record`` is at this sink's level (checked before queuing it)."""
+        return record.level >= self._level
+
     def emit(self, record: Record) -> None:
         """Append ``record`` as one line."""
         if record.level >= self._level:
             self._file.write(self.encode(record))
+
+    def emit_many(self, batch: Sequence[Record]) -> None:
+        """Append the records of ``batch`` at this level, whole lines in few writes."""
+        chunk: list[bytes] = []
+        size = 0
+        for record in batch:
+            if record.level < self._level:
+                continue
+            line = self.encode(record)
+            if chunk and size + len(line) > MAX_WRITE_BYTES:
+                self._file.write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._file.write(b"".join(chunk))
 
     def encode(self, record: Record) -> bytes:
         """``record`` as one redacted JSON line of at most ``MAX_LINE_BYTES``."""

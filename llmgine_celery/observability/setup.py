@@ -9,6 +9,7 @@ from typing import Any
 from llmgine_celery.observability.appendfile import Rotation
 from llmgine_celery.observability.bus import ConsoleSink, LogLevel, ObservabilityBus, Sink
 from llmgine_celery.observability.jsonl import JsonlSink
+from llmgine_celery.observability.threaded import ThreadedSink
 from llmgine_celery.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -20,11 +21,10 @@ def configured_sinks(settings: Settings, service: str) -> list[Sink]:
     sinks: list[Sink] = [ConsoleSink(level=level, lifecycle=settings.log_console)]
     if settings.log_jsonl:
         rotation = Rotation(max_bytes=settings.log_max_bytes, backups=settings.log_backups)
-        sinks.append(
-            JsonlSink(
-                settings.logs, service, secrets=settings.secrets(), level=level, rotation=rotation
-            )
+        jsonl = JsonlSink(
+            settings.logs, service, secrets=settings.secrets(), level=level, rotation=rotation
         )
+        sinks.append(ThreadedSink(jsonl))  # off the threads that run handlers
     if settings.metrics:
         from llmgine_celery.observability import metrics
 
