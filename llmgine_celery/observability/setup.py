@@ -16,20 +16,28 @@ logger = logging.getLogger(__name__)
 
 
 def configured_sinks(settings: Settings, service: str) -> list[Sink]:
-    """The sinks ``settings`` turn on: console, JSONL file, Prometheus metrics."""
+    """The sinks ``settings`` turn on: console, JSONL file, Prometheus metrics.
+
+    The file and the metrics are written by one thread per process, in
+    batches, off the threads that run commands and handlers.
+    """
     level = LogLevel[settings.log_level]
     sinks: list[Sink] = [ConsoleSink(level=level, lifecycle=settings.log_console)]
+    background: list[Sink] = []
     if settings.log_jsonl:
         rotation = Rotation(max_bytes=settings.log_max_bytes, backups=settings.log_backups)
-        jsonl = JsonlSink(
-            settings.logs, service, secrets=settings.secrets(), level=level, rotation=rotation
+        background.append(
+            JsonlSink(
+                settings.logs, service, secrets=settings.secrets(), level=level, rotation=rotation
+            )
         )
-        sinks.append(ThreadedSink(jsonl))  # off the threads that run handlers
     if settings.metrics:
         from llmgine_celery.observability import metrics
 
         metrics.configure_multiprocess(settings.metrics_folder)
-        sinks.append(metrics.MetricsSink())
+        background.append(metrics.MetricsSink())
+    if background:
+        sinks.append(ThreadedSink(*background))
     return sinks
 
 

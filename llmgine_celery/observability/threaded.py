@@ -5,12 +5,13 @@ piled up to the inner sink at once (``emit_many``: one write for many lines).
 Worker threads then never queue on the file's lock, and a burst costs one
 system call instead of one per record.
 
-Records are written within milliseconds. ``flush`` waits for everything queued
-so far; ``close`` flushes, stops the thread and closes the inner sink; a process
-flushes at exit (``atexit``) and prefork children when they stop (the
-observability wiring calls ``flush`` on ``worker_process_shutdown``). A process
-killed with SIGKILL loses what was still queued. After a fork the child starts
-its own thread and queue: what the parent had queued stays the parent's.
+Records are written within ``LINGER`` (50 ms) of the first of a batch.
+``flush`` waits for everything queued so far; ``close`` flushes, stops the
+thread and closes the inner sink; a process flushes at exit (``atexit``) and
+prefork children when they stop (the observability wiring calls ``flush_all``
+on ``worker_process_shutdown``). A process killed with SIGKILL loses what was
+still queued. After a fork the child starts its own thread and queue: what the
+parent had queued stays the parent's.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from llmgine_celery.observability.bus import Record, Sink
 
 logger = logging.getLogger("llmgine_celery.observability")
 
 #: records handed to the inner sink at once, at most
-BATCH = 256
+BATCH = 2048
+#: seconds the writer lets records pile up after the first: waking per record costs
+#: a busy worker several times the writing itself (GIL hand-offs, one write each)
+LINGER = 0.05
 #: seconds ``flush`` waits for the writer at most
 FLUSH_TIMEOUT = 5.0
 
@@ -43,30 +48,40 @@ class _Flush:
 
 
 class ThreadedSink(Sink):
-    """Runs ``inner``'s ``emit`` on a writer thread of its own, in batches."""
+    """Runs the ``emit`` of one or more sinks on one writer thread, in batches."""
 
-    def __init__(self, inner: Sink) -> None:
-        self.inner = inner
-        wants = getattr(inner, "wants", None)
-        self._wants = wants if callable(wants) else None
+    def __init__(self, *inners: Sink) -> None:
+        self.inners = inners
+        levels: list[Callable[[Record], bool]] = [
+            inner.wants  # type: ignore[attr-defined]
+            for inner in inners
+            if callable(getattr(inner, "wants", None))
+        ]
+        # records every inner sink would drop are dropped before the queue
+        self._wants = levels if len(levels) == len(inners) else None
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Record | _Flush | None] = queue.SimpleQueue()
         self._pid = 0
-        self._reported = False
+        self._reported: set[int] = set()
         _LIVE.add(self)
 
+    def __repr__(self) -> str:
+        return f"ThreadedSink({', '.join(map(repr, self.inners))})"
+
     def emit(self, record: Record) -> None:
-        if self._wants is not None and not self._wants(record):
-            return  # below the inner sink's level: not worth a trip through the queue
+        if self._wants is not None and not any(wants(record) for wants in self._wants):
+            return  # below every inner sink's level: not worth a trip through the queue
         if self._pid != os.getpid():
             self._start()
         self._queue.put(record)
 
     def count(self, name: str, value: float, labels: Mapping[str, str]) -> None:
-        self.inner.count(name, value, labels)
+        for inner in self.inners:
+            inner.count(name, value, labels)
 
     def observe(self, name: str, value: float, labels: Mapping[str, str]) -> None:
-        self.inner.observe(name, value, labels)
+        for inner in self.inners:
+            inner.observe(name, value, labels)
 
     def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
         """Wait until every record queued so far is written; False on timeout."""
@@ -82,14 +97,15 @@ class ThreadedSink(Sink):
             self.flush()
             self._queue.put(None)
             self._pid = 0
-        self.inner.close()
+        for inner in self.inners:
+            inner.close()
 
     def _start(self) -> None:
         with self._lock:
             if self._pid == os.getpid():
                 return
             self._queue = queue.SimpleQueue()  # a parent's queued records stay its own
-            name = f"llmgine-{type(self.inner).__name__}"
+            name = f"llmgine-sinks-{os.getpid()}"
             threading.Thread(target=self._run, args=(self._queue,), name=name, daemon=True).start()
             self._pid = os.getpid()
 
@@ -97,6 +113,8 @@ class ThreadedSink(Sink):
         while True:
             batch: list[Record] = []
             item = pending.get()
+            if not isinstance(item, _Flush) and item is not None:
+                time.sleep(LINGER)
             while True:
                 if item is None:
                     self._write(batch)
@@ -118,17 +136,18 @@ class ThreadedSink(Sink):
     def _write(self, batch: Sequence[Record]) -> None:
         if not batch:
             return
-        try:
-            emit_many = getattr(self.inner, "emit_many", None)
-            if emit_many is not None:
-                emit_many(batch)
-            else:
-                for record in batch:
-                    self.inner.emit(record)
-        except Exception:  # an observer must never break the flow: told once
-            if not self._reported:
-                self._reported = True
-                logger.exception("observability sink %r failed; later failures hidden", self.inner)
+        for inner in self.inners:
+            try:
+                emit_many = getattr(inner, "emit_many", None)
+                if emit_many is not None:
+                    emit_many(batch)
+                else:
+                    for record in batch:
+                        inner.emit(record)
+            except Exception:  # an observer must never break the flow: told once
+                if id(inner) not in self._reported:
+                    self._reported.add(id(inner))
+                    logger.exception("observability sink %r failed; later failures hidden", inner)
 
 
 def flush_all(timeout: float = FLUSH_TIMEOUT) -> None:
