@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from llmgine_celery import ApplicationBootstrap, ApplicationConfig, Command, Event, LogLevel
 from llmgine_celery.bus.registry import RetryPolicy
+from llmgine_celery.messages.system import CommandResultEvent
 
 APP_NAME = "obs-app"
 ROUTED_NAME = "obs-routed"
@@ -53,6 +54,7 @@ class ObsApp(ApplicationBootstrap):
     def _register_event_handlers(self) -> None:
         self.register_event_handler(Answered, self.heard, group=LISTENERS)
         self.register_event_handler(Doomed, self.doomed, group=LISTENERS, retry=FAST_RETRY)
+        self.register_event_handler(CommandResultEvent, self.finished, group=LISTENERS)
 
     async def ask(self, command: Ask) -> int:
         self.obs_bus.log(LogLevel.INFO, "answering", prompt=command.prompt)
@@ -66,6 +68,10 @@ class ObsApp(ApplicationBootstrap):
 
     def heard(self, event: Answered) -> None:
         self.obs_bus.log(LogLevel.INFO, "heard", text=event.text)
+
+    def finished(self, event: CommandResultEvent) -> None:
+        fields = {"command_type": event.command_type, "success": event.success}
+        self.obs_bus.log(LogLevel.INFO, "command finished", command_id=event.command_id, **fields)
 
     def doomed(self, event: Doomed) -> None:
         raise ValueError(f"cannot handle {event.text}")

@@ -9,9 +9,11 @@ that an event published by a handler carries the command as its cause.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 
 from llmgine_celery import ApplicationConfig, Settings
 from llmgine_celery.bus import topology
+from llmgine_celery.messages.envelope import encode
 from tests.integration.obs_apps import (
     APP_NAME,
     LISTENERS,
@@ -97,7 +100,11 @@ def logged(
         broker,
         backend,
         log_dir=tmp,
-        env={"LLMGINE_LOG_DIR": str(logs), "LLMGINE_METRICS": "false"},
+        env={
+            "LLMGINE_LOG_DIR": str(logs),
+            "LLMGINE_METRICS": "false",
+            "LLMGINE_COMMAND_EVENTS": "true",
+        },
     )
     try:
         yield Logged(broker_name, app, worker, logs)
@@ -146,7 +153,7 @@ def test_a_command_and_its_handler_run_share_ids_and_trace_across_processes(
     assert said["causation_id"] == command.id
 
     # the event the handler published names the command as its cause, same trace
-    published = logged.one(event="event.published", causation_id=command.id)
+    published = logged.one(event="event.published", causation_id=command.id, event_type="Answered")
     assert published["event_type"] == "Answered"
     assert published["trace_id"] == sent["trace_id"]
     assert published["parent_span_id"] == started["span_id"]
@@ -286,3 +293,29 @@ def test_prefork_children_share_the_rotating_file_without_losing_or_tearing_line
         ids = [r["command_id"] for r in lines if r["event"] == event and r["command_id"] in wanted]
         assert sorted(ids) == sorted(wanted), event  # each exactly once
     assert len({r["pid"] for r in lines if r["event"] == "command.result"}) > 1
+
+
+def test_unknown_rejected_and_revoked_messages_each_make_one_record(logged: Logged) -> None:
+    celery = logged.app.celery
+    unknown_id, expired_id = str(uuid.uuid4()), str(uuid.uuid4())
+    celery.send_task("llmgine.command.NoSuchCommand", args=[{}], task_id=unknown_id)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    envelope = encode(Ask(prompt="too late"))
+    celery.send_task("llmgine.command.Ask", args=[envelope], task_id=expired_id, expires=past)
+    with celery.producer_or_acquire() as producer:  # a message that is no task at all
+        producer.publish({"hello": "world"}, routing_key=topology.COMMAND_QUEUE, exchange="")
+
+    unknown = logged.one(event="task.unknown", task_id=unknown_id)
+    assert unknown["level"] == "ERROR" and unknown["task_name"] == "llmgine.command.NoSuchCommand"
+    revoked = logged.one(event="task.revoked", task_id=expired_id)
+    assert revoked["reason"] == "expired" and revoked["state"] == "revoked"
+    rejected = wait_for(lambda: logged.where(event="task.rejected"), WAIT, what="task.rejected")
+    assert rejected[-1]["state"] == "rejected"
+
+
+def test_command_lifecycle_events_reach_a_subscribed_group(logged: Logged) -> None:
+    command = Ask(prompt="announce me")
+    assert execute(logged.app, command).success
+    heard = logged.one(event="command finished", command_id=command.id)
+    assert heard["success"] is True and heard["command_type"] == "Ask"
+    assert heard["trace_id"] == logged.one(event="command.sent", command_id=command.id)["trace_id"]
