@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: characters of a command's result that Celery logs and Flower shows
+RESULT_REPR_CHARS = 200
+
 
 @dataclass(frozen=True)
 class CommandHooks:
@@ -105,5 +108,9 @@ def register_command_task(
     command_task.__doc__ = f"Run the handler of {route.command_type.__name__} commands."
     # No ``queue`` option (deprecated in Celery 6): MessageBus passes the
     # route's queue with each send, and Celery's task_routes apply otherwise.
-    task: Task = celery.task(name=route.task_name, bind=True, shared=False)(command_task)
+    # Celery reprs each result twice (its log line, the task-succeeded event): a
+    # short repr costs a fraction of walking a whole CommandResult, payload included.
+    task: Task = celery.task(
+        name=route.task_name, bind=True, shared=False, resultrepr_maxsize=RESULT_REPR_CHARS
+    )(command_task)
     return task

@@ -36,8 +36,14 @@ class Record:
     level: LogLevel
     event: str
     fields: dict[str, Any] = field(default_factory=dict)
-    ts: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    #: seconds since the epoch; formatted as ``ts`` only where a sink writes it
+    created: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+
+    @property
+    def ts(self) -> str:
+        """``created`` in ISO 8601, UTC."""
+        return datetime.fromtimestamp(self.created, UTC).isoformat()
 
 
 class Sink:

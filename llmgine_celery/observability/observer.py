@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from llmgine_celery.observability import context, records
@@ -98,7 +98,7 @@ class TaskObserver:
         kind = self.kind(task_name)
         # Stamped before the publish: a worker may record the start before this runs.
         sent_at = headers.get(self._h["sent_at"])
-        ts = _iso(sent_at) if isinstance(sent_at, int | float) else None
+        ts = float(sent_at) if isinstance(sent_at, int | float) else None
         if kind == "command":
             self._emit(LogLevel.INFO, records.COMMAND_SENT, fields, ts)
         else:  # handler tasks are sent by dispatchers: one per handler and event
@@ -211,12 +211,12 @@ class TaskObserver:
         return fields
 
     def _emit(
-        self, level: LogLevel, event: str, fields: dict[str, Any], ts: str | None = None
+        self, level: LogLevel, event: str, fields: dict[str, Any], ts: float | None = None
     ) -> None:
         present = {k: v for k, v in fields.items() if v is not None}
         record = Record(level=level, event=event, fields=present)
         if ts is not None:
-            record.ts = ts
+            record.created = ts
         self.bus.emit(record)
 
 
@@ -272,7 +272,3 @@ def _queue_wait(sent_at: Any, eta: Any) -> float | None:
         with contextlib.suppress(ValueError):
             ready = max(ready, datetime.fromisoformat(eta).timestamp())
     return round(max(0.0, time.time() - ready) * 1000, 3)
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat()

@@ -56,8 +56,8 @@ def log_dir(tmp_path: Path) -> Path:
         for seq in range(COUNT):
             if (seq % 2 == 0) == (service == "web"):
                 name, level, fields = fields_of(seq)
-                ts = (T0 + timedelta(milliseconds=seq)).isoformat()
-                sinks[service].emit(Record(level, name, fields, ts=ts))
+                created = (T0 + timedelta(milliseconds=seq)).timestamp()
+                sinks[service].emit(Record(level, name, fields, created=created))
     for sink in sinks.values():
         sink.close()
     assert (folder / "web.jsonl.2").exists() and (folder / "worker.jsonl.2").exists()
