@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # -- observability ------------------------------------------------------
     #: folder of the JSONL logs (default: ``<data_dir>/logs``)
     log_dir: Path | None = None
-    #: lowest level written to the JSONL file and the console (DEBUG adds task.received/sent)
+    #: lowest level written to the JSONL file and the console (DEBUG adds task.received)
     log_level: str = "INFO"
     #: write JSONL records (one file per service, rotated by size)
     log_jsonl: bool = True

@@ -58,6 +58,9 @@ class GroupDispatcher:
         self._max_bytes = max_bytes
         self._on_dead_letter = on_dead_letter
         self._sender = TaskSender(celery)
+        #: a producer held for the dispatcher's life: a pool round trip per event cost
+        #: more than the rest of the dispatch but the publish itself
+        self._held: Any = None
 
     def on_message(self, message: Message) -> None:
         """Dispatch one raw message (acked once dispatched or dead-lettered)."""
@@ -84,7 +87,8 @@ class GroupDispatcher:
         incoming = message.headers if isinstance(message.headers, dict) else {}
         passed = {**_correlation(incoming), **self._forward(incoming)}
         headers = event_headers(body, passed)
-        with self._celery.producer_or_acquire() as producer:
+        producer = self._producer()
+        try:
             for route in self._registry.event_routes_for(self._group, event):
                 self._sender.send(
                     route.task_name,
@@ -95,7 +99,21 @@ class GroupDispatcher:
                     ignore_result=True,
                     producer=producer,
                 )
+        except BaseException:
+            self.close()  # its connection may be broken: the next event takes a new one
+            raise
         message.ack()
+
+    def close(self) -> None:
+        """Give the held producer back to the pool."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
+
+    def _producer(self) -> Any:
+        if self._held is None:
+            self._held = self._celery.producer_pool.acquire(block=True)
+        return self._held
 
     def _check(self, message: Message) -> str | None:
         size = len(message.body or b"")
@@ -138,6 +156,7 @@ class EventDispatchStep(bootsteps.ConsumerStep):
     tracer: Tracer = NO_TRACER
     _rebind_timer: Any = None
     _consumers: list[Any]  # kombu Consumers; their channel and queues are set once consuming
+    _dispatchers: list[GroupDispatcher]
 
     def start(self, c: Any) -> None:
         self._consumers = [self._consumer(c, group) for group in self.groups]
@@ -154,12 +173,15 @@ class EventDispatchStep(bootsteps.ConsumerStep):
     def stop(self, c: Any) -> None:
         if self._rebind_timer is not None:
             self._rebind_timer.cancel()
+        for dispatcher in getattr(self, "_dispatchers", ()):
+            dispatcher.close()
         super().stop(c)
 
     def _consumer(self, c: Any, group: str) -> Consumer:
         dispatcher = GroupDispatcher(
             c.app, self.registry, group, self.max_bytes, self.on_dead_letter, self.tracer
         )
+        self._dispatchers = [*getattr(self, "_dispatchers", ()), dispatcher]
         return Consumer(
             c.connection.channel(),
             queues=[group_queue(group, self.transport)],

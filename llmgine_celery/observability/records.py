@@ -18,7 +18,7 @@ event                     state     made when
 ``handler.failed``        failed    it raised for the last time
 ``handler.skipped``       succeeded a copy of a run that already succeeded was skipped
 ``dead_letter``           -         a message or handler run was dead-lettered
-``task.sent``             sent      any other task is published (handler tasks, ...)
+``task.sent``             sent      any other task is published (not handler tasks)
 ``task.received``         received  a worker received a task (DEBUG)
 ``task.started`` ...      ...       the same stages for tasks that are not llmgine's
 ``task.rejected``         rejected  a worker rejected a message
