@@ -30,7 +30,10 @@ def argsrepr(envelope: Envelope) -> str:
     """What monitors show as a task's arguments: type, id and redacted fields, capped."""
     data = envelope["data"]
     fields = {k: v for k, v in data.items() if k not in {"id", "timestamp"}}
-    shown = json.dumps(_redact(fields), ensure_ascii=False, default=str)
+    redacted = _redact(fields)
+    if isinstance(redacted, dict):  # cut long strings after redacting: no half secret shows
+        redacted = {k: v[:ARGSREPR_CHARS] if isinstance(v, str) else v for k, v in redacted.items()}
+    shown = json.dumps(redacted, ensure_ascii=False, default=str)
     if len(shown) > ARGSREPR_CHARS:
         shown = shown[: ARGSREPR_CHARS - 3] + "..."
     return f"<{envelope['type']} {data.get('id')}> {shown}"
