@@ -104,6 +104,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{redact_url(value.get_secret_value())!r} is not a URL")
         return value
 
+    @field_validator("sentry_dsn", mode="after")
+    @classmethod
+    def _empty_dsn_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # SENTRY_DSN="" (as compose files pass an unset variable) means no Sentry
+        return value if value is not None and value.get_secret_value().strip() else None
+
     @field_validator("log_level", mode="after")
     @classmethod
     def _known_level(cls, value: str) -> str:

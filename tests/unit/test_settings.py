@@ -172,3 +172,10 @@ def test_import_does_not_read_settings(tmp_path: Path) -> None:
 )
 def test_redact_url_hides_passwords_with_url_delimiters(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_an_empty_sentry_dsn_turns_sentry_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENTRY_DSN", "")
+    assert Settings().sentry_dsn is None
+    monkeypatch.setenv("SENTRY_DSN", "https://key@o1.ingest.sentry.io/1")
+    assert Settings().sentry_dsn is not None
