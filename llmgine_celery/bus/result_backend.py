@@ -42,10 +42,7 @@ def llmgine_redis_backend(cls: type[RedisBackend]) -> type[RedisBackend]:
             if expires is None:
                 expires = self.expires
             with self.client.pipeline(transaction=False) as pipe:
-                if expires:
-                    pipe.setex(key, expires, value)
-                else:
-                    pipe.set(key, value)
+                pipe.set(key, value, ex=expires or None)
                 pipe.publish(key, value)
                 pipe.execute()
 

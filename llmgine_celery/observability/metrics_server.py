@@ -9,7 +9,10 @@ so that frequent scrapes do not hammer the broker.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -60,6 +63,10 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+#: bytes of a metrics file's header: a shorter file is still being created
+MIN_FILE_BYTES = 8
+
+
 def serve(
     host: str,
     port: int,
@@ -80,7 +87,7 @@ def serve(
         )
     registry = CollectorRegistry(auto_describe=False)
     try:
-        MultiProcessCollector(registry, path=str(folder))
+        _SettledFilesCollector(registry, path=str(folder))
     except ValueError as exc:
         raise ConfigurationError(f"metrics folder {folder} is not a directory") from exc
     if queue_lengths is not None:
@@ -90,6 +97,23 @@ def serve(
     except OSError as exc:
         raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
     return MetricsServer(httpd, thread)
+
+
+class _SettledFilesCollector(MultiProcessCollector):
+    """Skips files another process has created but not yet sized.
+
+    prometheus-client creates a process's file empty, then extends it; a scrape
+    reading it in between fails as a whole (HTTP 500, seen in a test). An
+    extended file is zero-filled until written, which reads as no samples.
+    """
+
+    def collect(self) -> Any:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):  # gone since the listing: a dead process's
+                if os.path.getsize(path) >= MIN_FILE_BYTES:
+                    files.append(path)
+        return self.merge(files, accumulate=True)
 
 
 class QueueLengthCollector:

@@ -529,6 +529,18 @@ def test_serve_exposes_the_folders_sum_on_localhost(tmp_path: Path) -> None:
         urllib.request.urlopen(server.url, timeout=10)
 
 
+def test_a_file_still_being_created_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    record_commands(tmp_path, 2, children=0)
+    (tmp_path / "counter_99999.db").touch()  # created, not yet sized, by another process
+    server = serve("127.0.0.1", 0, folder=tmp_path)
+    try:
+        body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        line = 'llmgine_command_total{command_type="Ask",outcome="success"}'
+        assert f"{line} 2.0" in body.splitlines()
+    finally:
+        server.close()
+
+
 def listening_address(port: int) -> str:
     """The local address of the socket listening on ``port`` (from /proc/net/tcp)."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
