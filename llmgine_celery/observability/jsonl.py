@@ -18,6 +18,8 @@ import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pydantic_core import PydanticSerializationError, to_json
+
 from llmgine_celery.observability.appendfile import AppendFile, Rotation
 from llmgine_celery.observability.bus import LogLevel, Record, Sink
 from llmgine_celery.observability.redact import JsonValue, Redactor
@@ -108,9 +110,12 @@ class JsonlSink(Sink):
 
 
 def _dumps(value: JsonValue) -> bytes:
-    # redacted data is JSON-safe already; default=str is a last guard, never a path
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-    return text.encode("utf-8", "replace")  # a lone surrogate becomes '?'
+    try:  # pydantic-core's encoder: a fifth of json.dumps' time per line
+        return to_json(value)
+    except PydanticSerializationError:  # a lone surrogate, say: the careful way
+        # redacted data is JSON-safe already; default=str is a last guard, never a path
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        return text.encode("utf-8", "replace")  # a lone surrogate becomes '?'
 
 
 def _fit(obj: dict[str, JsonValue], cap: int) -> bytes:

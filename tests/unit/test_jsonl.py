@@ -226,3 +226,12 @@ def test_forked_children_reopen_the_file_their_parent_opened(tmp_path: Path) -> 
     sink.close()
     _assert_each_line_once_in_order(sink, procs=3, count=500, rotations=3)
     assert [line["event"] for line in _all_lines(sink)].count("parent") == 2
+
+
+def test_a_lone_surrogate_or_a_huge_int_still_makes_one_valid_line(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path, "svc")
+    sink.emit(Record(LogLevel.INFO, "odd", {"text": "bad \ud800 char", "big": 2**200}))
+    sink.close()
+    (line,) = sink.path.read_text().splitlines()
+    record = json.loads(line)
+    assert record["text"] == "bad ? char" and record["big"] == 2**200
