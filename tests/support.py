@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 import redis
 from celery import Celery
 
-from llmgine_celery import Settings
+from llmgine_celery import ApplicationBootstrap, Command, CommandResult, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,18 @@ def ensure_test_vhost() -> None:
         done = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr}")
+
+
+def execute_once(app: ApplicationBootstrap, command: Command, timeout: float) -> CommandResult:
+    """``app.message_bus.execute(command)`` on a fresh event loop, its bus closed after."""
+
+    async def run() -> CommandResult:
+        try:
+            return await app.message_bus.execute(command, timeout=timeout)
+        finally:
+            await app.message_bus.aclose()
+
+    return asyncio.run(run())
 
 
 def wait_for(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:

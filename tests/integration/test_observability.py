@@ -40,6 +40,7 @@ from tests.support import (
     REPO,
     WorkerProcess,
     clean_env,
+    execute_once,
     producer_settings,
     start_worker,
     wait_for,
@@ -114,13 +115,7 @@ def logged(
 
 
 def execute(app: ObsApp, command: Any) -> Any:
-    async def run() -> Any:
-        try:
-            return await app.message_bus.execute(command, timeout=WAIT)
-        finally:
-            await app.message_bus.aclose()
-
-    return asyncio.run(run())
+    return execute_once(app, command, WAIT)
 
 
 def test_a_command_and_its_handler_run_share_ids_and_trace_across_processes(
