@@ -44,6 +44,20 @@ DEPLOYMENTS = {
 }
 
 
+#: every broker with every pool: the matrix of the worker-process fixtures
+BROKERS_AND_POOLS = [
+    ("rabbitmq", "threads"),
+    ("rabbitmq", "prefork"),
+    ("redis", "threads"),
+    ("redis", "prefork"),
+]
+
+
+def broker_and_pool_id(param: tuple[str, str]) -> str:
+    """The test id of one ``BROKERS_AND_POOLS`` entry."""
+    return f"{param[0]}-{param[1]}"
+
+
 def ensure_test_vhost() -> None:
     """Create the tests' RabbitMQ vhost with rabbitmqctl, when it is missing."""
     if "TEST_RABBITMQ_URL" in os.environ:

@@ -14,8 +14,10 @@ from llmgine_celery import ApplicationConfig, Settings
 from llmgine_celery.bus import topology
 from tests.integration.apps import APP_NAME, SPECIAL_QUEUE, IntegrationApp
 from tests.support import (
+    BROKERS_AND_POOLS,
     DEPLOYMENTS,
     WorkerProcess,
+    broker_and_pool_id,
     producer_settings,
     start_worker,
 )
@@ -62,16 +64,7 @@ def purge(app: IntegrationApp) -> None:
             conn.default_channel.queue_purge(name)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        ("rabbitmq", "threads"),
-        ("rabbitmq", "prefork"),
-        ("redis", "threads"),
-        ("redis", "prefork"),
-    ],
-    ids=lambda p: f"{p[0]}-{p[1]}",
-)
+@pytest.fixture(scope="module", params=BROKERS_AND_POOLS, ids=broker_and_pool_id)
 def deployment(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:

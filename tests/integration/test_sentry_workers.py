@@ -37,7 +37,15 @@ from tests.integration.sentry_apps import (
     SentryApp,
     envelope_json,
 )
-from tests.support import DEPLOYMENTS, WorkerProcess, producer_settings, start_worker, wait_for
+from tests.support import (
+    BROKERS_AND_POOLS,
+    DEPLOYMENTS,
+    WorkerProcess,
+    broker_and_pool_id,
+    producer_settings,
+    start_worker,
+    wait_for,
+)
 
 T = TypeVar("T")
 
@@ -154,16 +162,7 @@ def producer_sentry() -> Iterator[None]:
     sentry.close_sentry()
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        ("rabbitmq", "threads"),
-        ("rabbitmq", "prefork"),
-        ("redis", "threads"),
-        ("redis", "prefork"),
-    ],
-    ids=lambda p: f"{p[0]}-{p[1]}",
-)
+@pytest.fixture(scope="module", params=BROKERS_AND_POOLS, ids=broker_and_pool_id)
 def deployment(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SentryDeployment]:
