@@ -237,6 +237,11 @@ class _Tail:
     partial: bytes = b""
 
 
+def _deleted(tail: _Tail) -> bool:
+    """Whether the file ``tail`` reads has no name left in the filesystem."""
+    return os.fstat(tail.handle.fileno()).st_nlink == 0
+
+
 class Follower:
     """Follows every file of a folder across rotations and new services, like ``tail -F``.
 
@@ -277,7 +282,10 @@ class Follower:
                 found.extend(self._read(opened))
         for path in [p for p, tail in self._current.items() if tail.inode not in present]:
             self._backups.append(self._current.pop(path))  # renamed, not yet recreated
-        for tail in [t for t in self._backups if t.inode not in present]:
+        # Gone from a listing is not gone: a rotation renames files between the
+        # listing and the stat. Only a file with no name left is deleted; letting
+        # go of one that was merely renamed would read it again from its start.
+        for tail in [t for t in self._backups if _deleted(t)]:
             found.extend(self._read(tail))  # deleted by retention: a last look
             self._backups.remove(tail)
             self._let_go(tail)
