@@ -11,7 +11,6 @@ import base64
 import contextlib
 import ipaddress
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from tests.support import (
     clean_env,
     producer_settings,
     start_worker,
+    stop_process,
     wait_for,
 )
 
@@ -106,13 +106,7 @@ class FlowerProcess:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, then SIGKILL if Flower does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
 
 
 def start_flower(

@@ -43,6 +43,7 @@ from tests.support import (
     execute_once,
     producer_settings,
     start_worker,
+    stop_process,
     wait_for,
 )
 
@@ -238,8 +239,7 @@ def test_celery_beat_records_its_start(logged: Logged, tmp_path: Path) -> None:
         started = logged.one(event="beat.started", pid=beat.pid)
         assert started["service"] == APP_NAME
     finally:
-        beat.terminate()
-        beat.wait(20)
+        stop_process(beat)
 
 
 def test_prefork_children_share_the_rotating_file_without_losing_or_tearing_lines(
