@@ -31,7 +31,6 @@ def from_headers(headers: Mapping[str, Any], message_id: str | None) -> Correlat
         span_id=new_span_id(),
         parent_span_id=_text(headers.get(topology.HEADER_PARENT_SPAN_ID)),
         causation_id=message_id,
-        session_id=_text(headers.get(topology.HEADER_SESSION_ID)),
     )
 
 

@@ -40,7 +40,6 @@ class Correlation:
     parent_span_id: str | None = None
     #: the command or event being handled (the cause of what is sent from here)
     causation_id: str | None = None
-    session_id: str | None = None
 
     def child(self, causation_id: str | None = None) -> Correlation:
         """A new span of the same trace, under this one."""
