@@ -8,6 +8,9 @@ with a trivial echo handler. Per round, alternating which side runs first:
   (``asyncio.gather``), plain Celery from a thread pool (each ``--threads`` size);
 * latency: ``--seq-n`` sequential calls on each side.
 
+``--workers N`` starts N such workers per side (default 1, the issue's setting),
+to show which side is bound by its worker and which by its producer.
+
 Every result is checked against its (unique) payload; a missing or wrong one
 exits with status 1. Goals are reported, never enforced.
 
@@ -143,7 +146,7 @@ class Contestant:
     """One line of a table: how to run a phase, and the worker that serves it."""
 
     label: str
-    worker: Worker
+    workers: tuple[Worker, ...]
     throughput: Callable[[Sequence[str]], None] | None = None
     latency: Callable[[Sequence[str]], list[float]] | None = None
 
@@ -153,14 +156,14 @@ class Contestant:
         return self.label.split()[0]
 
 
-def measure(worker: Worker, payloads: Sequence[str], run: Callable[[], Any]) -> Sample:
+def measure(workers: Sequence[Worker], payloads: Sequence[str], run: Callable[[], Any]) -> Sample:
     """Run one phase and account its wall time and CPU time."""
     latencies: list[float] = []
 
     def timed() -> None:
         latencies.extend(run() or ())
 
-    sample = report.measure([worker], len(payloads), timed)
+    sample = report.measure(workers, len(payloads), timed)
     return dataclasses.replace(sample, latencies=tuple(latencies))
 
 
@@ -205,7 +208,7 @@ def _phase(
     args: argparse.Namespace,
 ) -> Sample:
     payloads = make_payloads(f"{tag}-{c.tag}", count, args.payload_bytes)
-    sample = measure(c.worker, payloads, lambda: run(payloads))
+    sample = measure(c.workers, payloads, lambda: run(payloads))
     log(f"  {c.label:<28} {count / sample.wall:8.0f} calls/s  ({sample.wall:.2f}s)")
     return sample
 
@@ -219,6 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--concurrency", type=int, default=8, help="worker threads/processes")
     parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per side")
     parser.add_argument("--n", type=int, default=1000, help="concurrent calls per throughput run")
     parser.add_argument("--seq-n", type=int, default=300, help="calls per latency run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -232,15 +236,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.thread_counts = sorted({int(t) for t in args.threads.split(",") if t.strip()})
     if args.payload_bytes < 32 or args.n < 1 or args.seq_n < 2 or args.rounds < 1:
         parser.error("need --payload-bytes >= 32, --n >= 1, --seq-n >= 2, --rounds >= 1")
+    if args.workers < 1:
+        parser.error("--workers needs at least 1")
     if not args.thread_counts or min(args.thread_counts) < 1:
         parser.error("--threads needs positive sizes")
     return args
 
 
+def side_workers(workers: dict[str, Worker], side: str) -> tuple[Worker, ...]:
+    """The workers of ``side``: labelled ``side`` or ``side-<n>``."""
+    return tuple(w for label, w in workers.items() if label.split("-")[0] == side)
+
+
 def contestants_of(
     llmgine: LlmgineSide, plain: PlainSide, workers: dict[str, Worker], args: argparse.Namespace
 ) -> list[Contestant]:
-    llmgine_worker, plain_worker = workers["llmgine"], workers["plain"]
+    llmgine_worker, plain_worker = side_workers(workers, "llmgine"), side_workers(workers, "plain")
     result = [
         Contestant("llmgine-celery (asyncio.gather)", llmgine_worker, throughput=llmgine.burst),
         Contestant("llmgine-celery (sequential)", llmgine_worker, latency=llmgine.sequential),
@@ -267,8 +278,12 @@ def run(args: argparse.Namespace) -> list[str]:
         plain = PlainSide(plain_module)
         stack.callback(plain.close)
         specs = [
-            ("llmgine", f"{LLMGINE_APP}:celery", llmgine_module.celery),
-            ("plain", f"{PLAIN_APP}:celery", plain_module.celery),
+            (f"{side}-{n}" if n else side, f"{module_name}:celery", module.celery)
+            for side, module_name, module in [
+                ("llmgine", LLMGINE_APP, llmgine_module),
+                ("plain", PLAIN_APP, plain_module),
+            ]
+            for n in range(args.workers)
         ]
         workers = stack.enter_context(running_workers(specs, args, logdir))
         contestants = contestants_of(llmgine, plain, workers, args)

@@ -125,14 +125,19 @@ def latency_table(results: dict[str, list[Sample]], llmgine: str, plain: str) ->
     return lines
 
 
+def _per_side(args: argparse.Namespace) -> str:
+    count = getattr(args, "workers", 1)
+    return "one" if count == 1 else f"{count} workers"
+
+
 def header(args: argparse.Namespace, load_before: str) -> list[str]:
     return [
         f"broker {redact_url(args.broker)}  backend {redact_url(args.backend)}",
-        f"worker -P {args.pool} -c {args.concurrency} (one per side)  "
+        f"worker -P {args.pool} -c {args.concurrency} ({_per_side(args)} per side)  "
         f"payload {args.payload_bytes} B  host CPUs {os.cpu_count()}",
         f"rounds {args.rounds} after a warm-up; medians of the rounds shown; side order alternates",
         f"load average (1/5/15 min) before {load_before}, after {load_average()}",
-        "CPU seconds per run: prod = this process, wrk = the side's worker, rest = the rest "
+        "CPU seconds per run: prod = this process, wrk = the side's workers, rest = the rest "
         "of the host",
         "(RabbitMQ, Redis, anything else running); us/call = CPU microseconds of prod + wrk "
         "per call",
