@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -47,6 +48,20 @@ def scrape(url: str) -> list[Sample]:
     """Every sample ``url`` serves."""
     body = urllib.request.urlopen(url, timeout=10).read().decode()
     return [s for family in text_string_to_metric_families(body) for s in family.samples]
+
+
+def scrape_once_served(url: str) -> list[Sample] | None:
+    """What ``url`` serves, or None while nothing listens yet.
+
+    A worker answers pings before its ``worker_ready`` handlers have bound the
+    metrics port, so a test's first scrape may come too early.
+    """
+    try:
+        return scrape(url)
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            return None
+        raise
 
 
 def total(samples: list[Sample], metric: str, /, **labels: str) -> float:
@@ -136,7 +151,9 @@ def test_a_worker_serves_what_it_and_the_producer_counted(served: Served) -> Non
     explode = topology.command_task_name("Explode")
 
     def settled() -> list[Sample] | None:
-        samples = scrape(served.url)
+        samples = scrape_once_served(served.url)
+        if samples is None:
+            return None
         handled = total(samples, "llmgine_event_handler_total", event_type="Pinged")
         dead = total(samples, "llmgine_dead_letter_total")
         return samples if handled == PINGS and dead == BROKEN else None
@@ -174,7 +191,11 @@ def test_a_worker_serves_what_it_and_the_producer_counted(served: Served) -> Non
 
 
 def test_a_stopped_worker_leaves_worker_up_0_in_the_folder(served: Served) -> None:
-    wait_for(lambda: total(scrape(served.url), "celery_worker_up", hostname=HOST) == 1.0)
+    def up() -> bool:
+        samples = scrape_once_served(served.url)
+        return samples is not None and total(samples, "celery_worker_up", hostname=HOST) == 1.0
+
+    wait_for(up, what="the worker to serve celery_worker_up 1")
     served.worker.stop()
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(served.folder))
