@@ -251,15 +251,16 @@ def side_workers(workers: dict[str, Worker], side: str) -> tuple[Worker, ...]:
 def contestants_of(
     llmgine: LlmgineSide, plain: PlainSide, workers: dict[str, Worker], args: argparse.Namespace
 ) -> list[Contestant]:
-    llmgine_worker, plain_worker = side_workers(workers, "llmgine"), side_workers(workers, "plain")
+    llmgine_workers = side_workers(workers, "llmgine")
+    plain_workers = side_workers(workers, "plain")
     result = [
-        Contestant("llmgine-celery (asyncio.gather)", llmgine_worker, throughput=llmgine.burst),
-        Contestant("llmgine-celery (sequential)", llmgine_worker, latency=llmgine.sequential),
-        Contestant("plain Celery (sequential)", plain_worker, latency=plain.sequential),
+        Contestant("llmgine-celery (asyncio.gather)", llmgine_workers, throughput=llmgine.burst),
+        Contestant("llmgine-celery (sequential)", llmgine_workers, latency=llmgine.sequential),
+        Contestant("plain Celery (sequential)", plain_workers, latency=plain.sequential),
     ]
     for threads in args.thread_counts:
         burst = functools.partial(plain.burst, threads)
-        result.append(Contestant(f"plain Celery ({threads} threads)", plain_worker, burst))
+        result.append(Contestant(f"plain Celery ({threads} threads)", plain_workers, burst))
     return result
 
 

@@ -177,12 +177,15 @@ def running_workers(
     """Start a worker per (label, app spec, Celery app), wait for all, stop them after.
 
     ``queues`` names the queues (``-Q``) of some labels; the others consume their defaults.
+    Each worker gets its own metrics folder (one of the two ways ``docs/metrics.md``
+    gives for several workers on one host; the other is one folder, one server).
     """
     workers: dict[str, Worker] = {}
     try:
         for label, app_spec, _ in specs:
+            env = {"LLMGINE_METRICS_DIR": str(logdir / f"metrics-{label}")}
             workers[label] = start_worker(
-                label, app_spec, args, logdir, (queues or {}).get(label, ())
+                label, app_spec, args, logdir, (queues or {}).get(label, ()), env
             )
         for label, _, celery_app in specs:
             wait_ready(workers[label], celery_app)
