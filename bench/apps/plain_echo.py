@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery
-from kombu import Exchange, Queue
+from celery import Celery, Task
+from kombu.entity import Exchange, Queue
 
 from llmgine_celery.bus.celery_app import DEFAULTS, REQUIRED
 
@@ -37,7 +37,9 @@ def build_celery() -> Celery:
 celery = build_celery()
 
 
-@celery.task(name="bench.plain.echo", shared=False)
-def echo(payload: str) -> str:
+def _echo(payload: str) -> str:
     """Return ``payload``."""
     return payload
+
+
+echo: Task = celery.task(name="bench.plain.echo", shared=False)(_echo)

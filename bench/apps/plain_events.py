@@ -41,11 +41,11 @@ def build(group: str) -> tuple[Celery, Task]:
     conf["task_ignore_result"] = True
     app.conf.update(conf)
 
-    @app.task(name=f"{queue}.count", shared=False, ignore_result=True)
     def count(envelope: dict[str, Any]) -> None:
         record(SIDE, group, envelope["data"]["id"])
 
-    return app, count
+    task: Task = app.task(name=f"{queue}.count", shared=False, ignore_result=True)(count)
+    return app, task
 
 
 _built = {group: build(group) for group in GROUPS}
