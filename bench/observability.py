@@ -17,15 +17,12 @@ import argparse
 import asyncio
 import functools
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +39,7 @@ from bench.workers import (
     prepare_queues,
     start_worker,
     stop_all,
+    vhost_url,
     wait_ready,
 )
 from llmgine_celery import ApplicationConfig, Settings
@@ -50,19 +48,6 @@ from llmgine_celery.settings import redact_url
 GOAL = 0.95
 CALL_TIMEOUT = 120.0
 SIDES = ("on", "off")
-
-
-def vhost_url(base: str, vhost: str) -> str:
-    """``base`` (an amqp URL) pointed at ``vhost``, created with rabbitmqctl if missing."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is not None:
-        listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True)
-        if vhost not in listed.stdout.split():
-            subprocess.run([ctl, "-q", "add_vhost", vhost], check=True)
-            perms = ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]
-            subprocess.run([ctl, "-q", *perms], check=True)
-    parts = urlsplit(base)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + vhost, "", ""))
 
 
 def side_env(side: str, broker: str, backend: str, folder: Path) -> dict[str, str]:

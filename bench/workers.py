@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: seconds a worker may take to answer a ping after it is started
@@ -221,6 +223,19 @@ def claim_queue(bound: Any) -> None:
             "stop them or point --broker at another vhost"
         )
     bound.purge()
+
+
+def vhost_url(base: str, vhost: str) -> str:
+    """``base`` (an amqp URL) pointed at ``vhost``, created with rabbitmqctl if missing."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is not None:
+        listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True)
+        if vhost not in listed.stdout.split():
+            subprocess.run([ctl, "-q", "add_vhost", vhost], check=True)
+            perms = ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]
+            subprocess.run([ctl, "-q", *perms], check=True)
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + vhost, "", ""))
 
 
 def load_average() -> str:
