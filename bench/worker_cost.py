@@ -9,7 +9,11 @@ has every result in Redis: both ran under the same conditions, which on a
 shared machine matters more than running alone. Nobody waits on the results
 meanwhile, so no producer shares the CPU.
 
-Run from the repository root: ``.venv/bin/python bench/worker_cost.py --rounds 3``.
+``--versus-checkout PATH`` compares this code's worker with another checkout's
+instead (each side on its own RabbitMQ vhost): ``git worktree add /tmp/base
+HEAD~1`` then ``--versus-checkout /tmp/base`` measures what a change did.
+
+Run from the repository root: ``.venv/bin/python bench/worker_cost.py --rounds 4``.
 """
 
 from __future__ import annotations
@@ -24,15 +28,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
+from pydantic import SecretStr
 
 from bench.workers import (
+    REPO_ROOT,
     BenchError,
     Worker,
     claim_queue,
@@ -41,8 +46,10 @@ from bench.workers import (
     log,
     start_worker,
     stop_all,
+    vhost_url,
     wait_ready,
 )
+from llmgine_celery import ApplicationConfig, Settings
 from llmgine_celery.errors import LLMgineError
 from llmgine_celery.settings import redact_url
 
@@ -54,25 +61,6 @@ DRAIN_TIMEOUT = 300.0
 EXISTS_CHUNK = 500
 
 
-def fill_llmgine(module: ModuleType, payloads: Sequence[str]) -> list[str]:
-    """Queue an ``Echo`` per payload with ``send`` (no result waited for); their ids."""
-
-    async def send_all() -> list[str]:
-        await module.app.bootstrap()
-        try:
-            bus = module.app.message_bus
-            return [bus.send(module.Echo(payload=p)).command_id for p in payloads]
-        finally:
-            await module.app.shutdown()
-
-    return asyncio.run(send_all())
-
-
-def fill_plain(module: ModuleType, payloads: Sequence[str]) -> list[str]:
-    """Queue an ``echo`` task per payload with ``apply_async``; their ids."""
-    return [module.echo.apply_async(args=[p]).id for p in payloads]
-
-
 def stored(client: redis.Redis, keys: Sequence[str | bytes]) -> int:
     """How many of ``keys`` exist, asked a chunk at a time."""
     return sum(
@@ -82,11 +70,16 @@ def stored(client: redis.Redis, keys: Sequence[str | bytes]) -> int:
 
 @dataclass
 class Side:
-    """One contestant: its app module, how to queue its commands, its worker."""
+    """One contestant: its Celery app here, how to queue its commands, its worker."""
 
     label: str
-    module: ModuleType
-    fill: Callable[[ModuleType, Sequence[str]], list[str]]
+    celery: Any
+    fill: Callable[[Sequence[str]], list[str]]
+    #: what its worker runs (``celery -A``), and with what extra environment
+    app_spec: str
+    env: dict[str, str]
+    #: the folder its worker runs in, whose code it imports
+    code: Path
     worker: Worker | None = None
     keys: list[Any] = field(default_factory=list)
 
@@ -96,23 +89,81 @@ class Side:
 
     def start(self, args: argparse.Namespace, logdir: Path) -> None:
         """Claim (declare, purge) its queues and start its worker on an idle queue."""
-        celery = self.module.celery
-        with celery.connection_for_write() as conn:
-            for declared in celery.conf.task_queues:
+        with self.celery.connection_for_write() as conn:
+            for declared in self.celery.conf.task_queues:
                 claim_queue(declared(conn.default_channel))
-        app_spec = f"{self.module.__name__}:celery"
-        self.worker = start_worker(self.label, app_spec, args, logdir, [self.idle_queue], args.env)
+        queues = [self.idle_queue]
+        self.worker = start_worker(
+            self.label, self.app_spec, args, logdir, queues, self.env, self.code
+        )
 
     def stop(self) -> None:
         """Stop its worker; purge what it left (the slower side's rest), drop the idle queue."""
         if self.worker is not None:
             stop_all([self.worker])
             self.worker = None
-        celery = self.module.celery
-        with celery.connection_for_write() as conn:
-            for declared in celery.conf.task_queues:
+        with self.celery.connection_for_write() as conn:
+            for declared in self.celery.conf.task_queues:
                 declared(conn.default_channel).purge()
             conn.default_channel.queue_delete(self.idle_queue)
+
+
+def llmgine_side(
+    label: str,
+    app: Any,
+    echo: type[Any],
+    env: dict[str, str],
+    app_spec: str,
+    code: Path = REPO_ROOT,
+) -> Side:
+    """An llmgine-celery side: ``echo`` commands queued with ``send`` (nothing waits)."""
+
+    async def send_all(payloads: Sequence[str]) -> list[str]:
+        await app.bootstrap()
+        try:
+            return [app.message_bus.send(echo(payload=p)).command_id for p in payloads]
+        finally:
+            await app.shutdown()
+
+    def fill(payloads: Sequence[str]) -> list[str]:
+        return asyncio.run(send_all(payloads))
+
+    return Side(label, app.celery, fill, app_spec, env, code)
+
+
+def plain_side(env: dict[str, str]) -> Side:
+    """The plain Celery side: ``echo`` tasks queued with ``apply_async``."""
+    module = importlib.import_module(PLAIN_APP)
+
+    def fill(payloads: Sequence[str]) -> list[str]:
+        return [module.echo.apply_async(args=[p]).id for p in payloads]
+
+    return Side("plain", module.celery, fill, f"{PLAIN_APP}:celery", env, REPO_ROOT)
+
+
+def sides_of(args: argparse.Namespace) -> list[Side]:
+    """llmgine-celery and plain Celery; or this checkout and ``--versus-checkout``."""
+    app_spec = f"{LLMGINE_APP}:celery"
+    # imported only now: the module builds its app from the environment main() set
+    module = importlib.import_module(LLMGINE_APP)
+    if args.versus_checkout is None:
+        llmgine = llmgine_side("llmgine", module.app, module.Echo, args.env, app_spec)
+        return [llmgine, plain_side(args.env)]
+    sides = []
+    for label, code in (("this", REPO_ROOT), ("checkout", args.versus_checkout)):
+        # one vhost each: the two workers must not take each other's commands
+        broker = vhost_url(args.broker, f"llmgine-bench-cost-{label}")
+        settings = Settings(
+            broker_url=SecretStr(broker),
+            result_backend=SecretStr(args.backend),
+            embedded_worker=False,
+        )
+        app = module.EchoApp(ApplicationConfig(name="bench-echo", settings=settings))
+        # run in ``code`` with only it on PYTHONPATH: the worker imports llmgine_celery
+        # and the echo app from there (the working directory comes first on sys.path)
+        env = {**args.env, "LLMGINE_BROKER_URL": broker, "PYTHONPATH": str(code)}
+        sides.append(llmgine_side(label, app, module.Echo, env, app_spec, code))
+    return sides
 
 
 def drain_together(
@@ -129,15 +180,14 @@ def drain_together(
             side.start(args, logdir)
         workers = {side.label: _worker(side) for side in sides}
         for side in sides:
-            wait_ready(workers[side.label], side.module.celery)
+            wait_ready(workers[side.label], side.celery)
             payloads = [f"{side.label}-{round_no}-{i:07d}-".ljust(1024, "x") for i in range(args.n)]
-            ids = side.fill(side.module, payloads)
-            side.keys = [side.module.celery.backend.get_key_for_task(i) for i in ids]
+            side.keys = [side.celery.backend.get_key_for_task(i) for i in side.fill(payloads)]
         cpu_before = {label: w.cpu_seconds() for label, w in workers.items()}
         start = time.perf_counter()
         for side in sides:
-            side.module.celery.control.add_consumer(
-                side.module.celery.conf.task_default_queue,
+            side.celery.control.add_consumer(
+                side.celery.conf.task_default_queue,
                 destination=[workers[side.label].node],
                 reply=True,
                 timeout=5,
@@ -166,10 +216,7 @@ def _worker(side: Side) -> Worker:
 
 def run(args: argparse.Namespace) -> list[str]:
     load_before = load_average()
-    sides = [
-        Side("llmgine", importlib.import_module(LLMGINE_APP), fill_llmgine),
-        Side("plain", importlib.import_module(PLAIN_APP), fill_plain),
-    ]
+    sides = sides_of(args)
     logdir = Path(tempfile.mkdtemp(prefix="bench-worker-cost-"))
     log(f"worker logs in {logdir}")
     rates: dict[str, list[float]] = {side.label: [] for side in sides}
@@ -185,6 +232,11 @@ def run(args: argparse.Namespace) -> list[str]:
         f"worker -P {args.pool} -c {args.concurrency}, one per side, both draining at once; "
         f"{args.n} queued commands per side and round, {args.rounds} rounds; medians shown",
         f"worker environment: {args.env or 'as configured'}",
+        *(
+            [f"'this' is {REPO_ROOT}, 'checkout' is {args.versus_checkout}"]
+            if args.versus_checkout
+            else []
+        ),
         f"load average (1/5/15 min) before {load_before}, after {load_average()}",
         "",
         f"{'side':<10}{'commands/s':>12}{'worker CPU ms/command':>24}   per round (ms)",
@@ -195,9 +247,10 @@ def run(args: argparse.Namespace) -> list[str]:
             f"{side.label:<10}{statistics.median(rates[side.label]):>12.0f}"
             f"{statistics.median(costs[side.label]):>24.3f}   {per_round}"
         )
-    ratios = [a / b for a, b in zip(costs["llmgine"], costs["plain"], strict=True)]
+    first, second = (side.label for side in sides)
+    ratios = [a / b for a, b in zip(costs[first], costs[second], strict=True)]
     lines.append(
-        "worker CPU per command, llmgine / plain, per round: "
+        f"worker CPU per command, {first} / {second}, per round: "
         + " ".join(f"{r:.2f}x" for r in ratios)
         + f"  (median {statistics.median(ratios):.2f}x)"
     )
@@ -219,7 +272,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="set in the workers' environment, e.g. LLMGINE_METRICS=false (repeatable)",
     )
+    parser.add_argument(
+        "--versus-checkout",
+        type=Path,
+        metavar="PATH",
+        help="compare this code's worker with the worker of the llmgine-celery checkout at PATH "
+        "(e.g. a `git worktree` of an older commit) instead of with plain Celery",
+    )
     args = parser.parse_args(argv)
+    if args.versus_checkout is not None:
+        args.versus_checkout = args.versus_checkout.resolve()
+        if not (args.versus_checkout / "llmgine_celery" / "__init__.py").is_file():
+            parser.error(f"--versus-checkout: no llmgine_celery package in {args.versus_checkout}")
     pairs = [item.partition("=") for item in args.worker_env]
     if any(not name or not sep for name, sep, _ in pairs):
         parser.error("--worker-env takes NAME=VALUE")

@@ -120,8 +120,9 @@ def start_worker(
     logdir: Path,
     queues: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
 ) -> Worker:
-    """Start a worker of ``app_spec`` (on ``queues`` if given) in its own session."""
+    """Start a worker of ``app_spec`` (on ``queues`` if given) in its own session, in ``cwd``."""
     node = f"bench-{label}-{os.getpid()}@{socket.gethostname()}"
     command = [
         *(sys.executable, "-m", "celery", "-A", app_spec, "worker"),
@@ -129,7 +130,7 @@ def start_worker(
         *("--without-gossip", "--without-mingle", "--without-heartbeat"),
         *(("-Q", ",".join(queues)) if queues else ()),
     ]
-    return start_process(label, node, command, logdir, env)
+    return start_process(label, node, command, logdir, env, cwd)
 
 
 def start_process(
@@ -138,8 +139,12 @@ def start_process(
     command: Sequence[str],
     logdir: Path,
     extra_env: Mapping[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
 ) -> Worker:
-    """Start ``command`` from the repository root in its own session, logging to ``logdir``."""
+    """Start ``command`` in ``cwd`` (the repository root) in its own session, logging to ``logdir``.
+
+    ``cwd`` comes first on the child's ``sys.path``, before ``PYTHONPATH``.
+    """
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
@@ -149,7 +154,7 @@ def start_process(
     log = log_path.open("wb")
     process = subprocess.Popen(
         command,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
