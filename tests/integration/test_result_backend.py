@@ -1,16 +1,22 @@
-"""The Redis result backend reads before it writes only for redelivered messages."""
+"""The Redis result backend: reads before it writes only for redelivered messages,
+stores and publishes with one script, or a pipeline where scripts are refused."""
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 
 from llmgine_celery import ApplicationConfig, Settings
 from tests.integration.apps import APP_NAME, IntegrationApp
-from tests.support import REDIS_BROKER_URL, require_service
+from tests.support import REDIS_BROKER_URL, require_service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,3 +43,68 @@ def test_a_redelivered_copy_cannot_overwrite_a_success(tmp_path: Path) -> None:
     backend.store_result(task_id, {"second send": True}, "SUCCESS", request=request(task_id, False))
     assert backend.get_task_meta(task_id, cache=False)["result"] == {"second send": True}
     backend.forget(task_id)
+
+
+def backend_on(url: str, tmp_path: Path) -> Any:
+    settings = Settings(broker_url=url, embedded_worker=False, data_dir=tmp_path)
+    return IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings)).celery.backend
+
+
+def store_watched(backend: Any, task_id: str, result: Any) -> Any:
+    """Store ``result``; return what a subscriber to the result's channel received."""
+    key = backend.get_key_for_task(task_id)
+    with redis.Redis.from_url(REDIS_BROKER_URL) as watcher, watcher.pubsub() as pubsub:
+        pubsub.subscribe(key)
+        wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
+        backend.store_result(task_id, result, "SUCCESS", request=request(task_id, False))
+        message = wait_for(lambda: pubsub.get_message(timeout=0.1), what="the published result")
+    return json.loads(message["data"])
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_result_is_stored_and_published_by_one_script(tmp_path: Path) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    task_id = f"backend-test-{uuid.uuid4()}"
+    with redis.Redis.from_url(REDIS_BROKER_URL) as client:
+        before = evalsha_calls(client)
+        published = store_watched(backend, task_id, {"n": 1})
+        assert evalsha_calls(client) > before
+        key = backend.get_key_for_task(task_id)
+        assert 0 < client.ttl(key) <= backend.expires
+    assert published["result"] == {"n": 1} and published["status"] == "SUCCESS"
+    assert backend.get_task_meta(task_id, cache=False)["result"] == {"n": 1}
+    backend.forget(task_id)
+
+
+def test_a_user_refused_scripts_stores_and_publishes_with_a_pipeline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_service(REDIS_BROKER_URL)
+    user, password = f"llmgine-noscript-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    parts = urlsplit(REDIS_BROKER_URL)
+    url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+    with redis.Redis.from_url(REDIS_BROKER_URL) as admin:
+        admin.acl_setuser(
+            user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+            commands=["+@all", "-@scripting"],
+        )  # fmt: skip
+        try:
+            backend = backend_on(url, tmp_path)
+            first, second = (f"backend-test-{uuid.uuid4()}" for _ in range(2))
+            with caplog.at_level(logging.WARNING, logger="llmgine_celery.bus.result_backend"):
+                assert store_watched(backend, first, {"n": 1})["result"] == {"n": 1}
+                assert store_watched(backend, second, {"n": 2})["result"] == {"n": 2}
+            refused = [r for r in caplog.records if "refused the result store script" in r.message]
+            assert len(refused) == 1  # told once; the second store went straight to the pipeline
+            assert password not in caplog.text
+            for task_id, n in ((first, 1), (second, 2)):
+                assert backend.get_task_meta(task_id, cache=False)["result"] == {"n": n}
+                assert 0 < admin.ttl(backend.get_key_for_task(task_id)) <= backend.expires
+                backend.forget(task_id)
+        finally:
+            admin.acl_deluser(user)
