@@ -29,10 +29,14 @@ def request(task_id: str, redelivered: bool) -> SimpleNamespace:
     )  # fmt: skip
 
 
+def backend_on(url: str, tmp_path: Path) -> Any:
+    settings = Settings(broker_url=url, embedded_worker=False, data_dir=tmp_path)
+    return IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings)).celery.backend
+
+
 def test_a_redelivered_copy_cannot_overwrite_a_success(tmp_path: Path) -> None:
     require_service(REDIS_BROKER_URL)
-    settings = Settings(broker_url=REDIS_BROKER_URL, embedded_worker=False, data_dir=tmp_path)
-    backend = IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings)).celery.backend
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
     task_id = f"backend-test-{uuid.uuid4()}"
 
     backend.store_result(task_id, {"first": True}, "SUCCESS", request=request(task_id, False))
@@ -43,11 +47,6 @@ def test_a_redelivered_copy_cannot_overwrite_a_success(tmp_path: Path) -> None:
     backend.store_result(task_id, {"second send": True}, "SUCCESS", request=request(task_id, False))
     assert backend.get_task_meta(task_id, cache=False)["result"] == {"second send": True}
     backend.forget(task_id)
-
-
-def backend_on(url: str, tmp_path: Path) -> Any:
-    settings = Settings(broker_url=url, embedded_worker=False, data_dir=tmp_path)
-    return IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings)).celery.backend
 
 
 def store_watched(backend: Any, task_id: str, result: Any) -> Any:
