@@ -89,6 +89,16 @@ def execute_once(app: ApplicationBootstrap, command: Command, timeout: float) ->
     return asyncio.run(run())
 
 
+def listening_address(port: int) -> str:
+    """The local address of the socket listening on ``port`` (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # LISTEN
+            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 def wait_for(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Poll ``probe`` until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -36,7 +36,14 @@ from tests.integration.metrics_apps import (
     Pinged,
     Succeed,
 )
-from tests.support import DEPLOYMENTS, WorkerProcess, producer_settings, start_worker, wait_for
+from tests.support import (
+    DEPLOYMENTS,
+    WorkerProcess,
+    listening_address,
+    producer_settings,
+    start_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -77,16 +84,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def listening_address(port: int) -> str:
-    """The local address of the socket listening on ``port`` (from /proc/net/tcp)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if int(hex_port, 16) == port and state == "0A":  # LISTEN
-            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from llmgine_celery.observability.metrics import (
     serve,
 )
 from llmgine_celery.observability.metrics_server import QueueLengthCollector
+from tests.support import listening_address
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -237,16 +237,6 @@ def test_a_file_still_being_created_does_not_fail_the_scrape(tmp_path: Path) -> 
         assert f"{line} 2.0" in body.splitlines()
     finally:
         server.close()
-
-
-def listening_address(port: int) -> str:
-    """The local address of the socket listening on ``port`` (from /proc/net/tcp)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if int(hex_port, 16) == port and state == "0A":  # LISTEN
-            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 def test_serve_refuses_a_busy_port_clearly(tmp_path: Path) -> None:
