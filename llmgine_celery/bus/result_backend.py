@@ -13,11 +13,11 @@
   the store was a fifth of a worker's CPU per command. They run as one Lua
   script instead (``EVALSHA``): one command to pack, the value sent once, one
   reply to parse. Against a pipeline it saved a worker 2-5% of its CPU per
-  command (``bench/worker_cost.py --versus-checkout``: medians 0.95x and 0.98x;
-  the same code against itself measured 0.97x-1.04x per round). A server that refuses scripts
-  (an ACL without ``@scripting``, a renamed or disabled ``EVALSHA``) gets the
-  same two commands as a pipeline, from then on; so does a result without
-  expiry.
+  command (``bench/worker_cost.py --versus-checkout``: medians 0.95x and
+  0.98x; the same code against itself measured 0.97x-1.04x per round). A
+  server that refuses scripts (an ACL without ``@scripting``, a renamed or
+  disabled ``EVALSHA``) gets the same two commands as a pipeline, from then
+  on; so does a result without expiry.
 """
 
 from __future__ import annotations
