@@ -39,6 +39,12 @@ DEFAULTS: dict[str, Any] = {
     "worker_send_task_events": True,
 }
 
+#: llmgine's own parts of a worker; a config module may replace them
+COMPONENTS: dict[str, Any] = {
+    # Celery's consumer, sending those task events in batches
+    "worker_consumer": "llmgine_celery.bus.worker_consumer:LLMgineConsumer",
+}
+
 
 class LLMgineCelery(Celery):
     """Celery with llmgine's Redis result backend (see ``result_backend``)."""
@@ -77,7 +83,7 @@ def build_celery(
 ) -> LLMgineCelery:
     """A configured Celery app for application ``name``; connects to nothing."""
     broker = settings.broker()
-    conf: dict[str, Any] = dict(DEFAULTS)
+    conf: dict[str, Any] = {**DEFAULTS, **COMPONENTS}
     if settings.embedded:
         conf["broker_transport_options"] = embedded_transport_options(settings)
     if settings.celery_config:
