@@ -14,12 +14,9 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.utils import INF
+from prometheus_client import CollectorRegistry
 
 from llmgine_celery.errors import ConfigurationError
 from llmgine_celery.observability import records
@@ -27,12 +24,23 @@ from llmgine_celery.observability.bus import Record, Sink
 from llmgine_celery.observability.metrics_folder import (
     configure_multiprocess,
     multiprocess_folder,
-    note_in_memory_metrics,
     process_exited,
 )
 from llmgine_celery.observability.metrics_server import MetricsServer, serve
+from llmgine_celery.observability.metrics_store import (
+    BUILTIN_NAMES,
+    DEFAULT,
+    QUEUE_WAIT_BUCKETS,
+    RUNTIME_BUCKETS,
+    TASK_COUNTERS,
+    Store,
+)
+from llmgine_celery.observability.metrics_tally import Tally
 
 __all__ = [
+    "QUEUE_WAIT_BUCKETS",
+    "RUNTIME_BUCKETS",
+    "TASK_COUNTERS",
     "MetricsServer",
     "MetricsSink",
     "configure_multiprocess",
@@ -41,19 +49,6 @@ __all__ = [
     "serve",
 ]
 
-#: celery-exporter's defaults: prometheus-client's for runtime, 50 ms to 30 min for queue waits
-RUNTIME_BUCKETS: Final = Histogram.DEFAULT_BUCKETS
-QUEUE_WAIT_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, INF)
-#: commands and handlers call LLMs: tens of milliseconds to ten minutes
-LLMGINE_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, INF)
-
-TASK_LABELS: Final = ("name", "hostname", "queue_name")
-FAILED_LABELS: Final = ("name", "hostname", "exception", "queue_name")
-#: celery-exporter's counter for each ``state`` (it has none for ``unknown``)
-TASK_COUNTERS: Final = {
-    state: f"celery_task_{state}"
-    for state in ("sent", "received", "started", "succeeded", "failed", "rejected", "revoked")
-} | {"retried": "celery_task_retried"}
 HANDLER_OUTCOMES: Final = {
     records.HANDLER_SUCCEEDED: "succeeded",
     records.HANDLER_FAILED: "failed",
@@ -66,167 +61,6 @@ UNKNOWN: Final = "unknown"
 
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-# -- metric objects ---------------------------------------------------------------
-
-
-@dataclass
-class _Entry:
-    kind: str
-    labelnames: tuple[str, ...]
-    metric: Any
-
-
-class _Store:
-    """The metric objects of one registry (or of the multiprocess folder), made on first use."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self._registry = registry
-        self._entries: dict[str, _Entry] = {}
-        self._lock = threading.Lock()
-        #: (name, hostname, queue_name) whose celery_task_* series exist
-        self.seen: set[tuple[str, str, str]] = set()
-        #: llmgine's series by (metric, label values): prometheus' labels() is slow
-        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
-
-    def child(self, name: str, *values: str) -> Any:
-        """The series of llmgine's metric ``name`` with ``values`` (in its labels' order)."""
-        key = (name, values)
-        found = self._children.get(key)
-        if found is None:
-            spec = DEFINITIONS[name]
-            metric = self.get(spec.kind, name, spec.labels, documentation=spec.doc, **spec.options)
-            found = self._children[key] = metric.labels(*values)
-        return found
-
-    def get(self, kind: str, name: str, labelnames: Sequence[str], **options: Any) -> Any:
-        """The metric ``name``; made now if new, else checked against ``kind`` and labels."""
-        labelnames = tuple(labelnames)
-        entry = self._entries.get(name)
-        if entry is None:
-            with self._lock:
-                entry = self._entries.get(name)
-                if entry is None:
-                    entry = _Entry(kind, labelnames, self._make(kind, name, labelnames, options))
-                    self._entries[name] = entry
-        if entry.kind != kind or entry.labelnames != labelnames:
-            raise ConfigurationError(
-                f"metric {name!r} is a {entry.kind} with labels {list(entry.labelnames)}; "
-                f"it cannot be used as a {kind} with labels {list(labelnames)}"
-            )
-        return entry.metric
-
-    def _make(self, kind: str, name: str, labelnames: tuple[str, ...], options: Any) -> Any:
-        doc = options.pop("documentation", f"{name} (recorded through the ObservabilityBus)")
-        common: dict[str, Any] = {"labelnames": labelnames, "registry": self._registry}
-        if kind == "counter":
-            return Counter(name, doc, **common)
-        if kind == "histogram":
-            return Histogram(name, doc, buckets=options.get("buckets", RUNTIME_BUCKETS), **common)
-        return Gauge(name, doc, multiprocess_mode=options["mode"], **common)
-
-
-@dataclass
-class _Default:
-    """The process's own store: of the multiprocess folder in use, else of the default registry."""
-
-    store: _Store | None = None
-    folder: Path | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def current(self) -> _Store:
-        folder = multiprocess_folder()  # the same object until it changes
-        store = self.store
-        if store is None or folder is not self.folder:
-            with self.lock:
-                if self.store is None or folder is not self.folder:
-                    if folder is None:
-                        note_in_memory_metrics()
-                    # in files, metrics need no registry: the server reads the folder
-                    self.store = _Store(None if folder is not None else REGISTRY)
-                    self.folder = folder
-                store = self.store
-        return store
-
-
-_default = _Default()
-
-#: llmgine's own metrics: a user metric cannot take these names
-BUILTIN_NAMES: Final = frozenset(
-    {
-        *TASK_COUNTERS.values(),
-        "celery_task_runtime",
-        "celery_task_queue_wait_time",
-        "celery_worker_up",
-        "celery_worker_tasks_active",
-        "celery_queue_length",
-        "llmgine_command",
-        "llmgine_command_duration_seconds",
-        "llmgine_event_published",
-        "llmgine_event_handler",
-        "llmgine_event_handler_duration_seconds",
-        "llmgine_dead_letter",
-    }
-)
-
-
-@dataclass(frozen=True)
-class _Def:
-    kind: str
-    labels: tuple[str, ...]
-    doc: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-def _task_def(doc: str) -> _Def:
-    return _Def("counter", TASK_LABELS, doc)
-
-
-DEFINITIONS: Final[Mapping[str, _Def]] = {
-    "celery_task_sent": _task_def("Task messages published."),
-    "celery_task_received": _task_def("Task messages a worker received."),
-    "celery_task_started": _task_def("Task runs started."),
-    "celery_task_succeeded": _task_def("Task runs that returned."),
-    "celery_task_failed": _Def("counter", FAILED_LABELS, "Task runs that raised for good."),
-    "celery_task_retried": _task_def("Task runs that raised and will be retried."),
-    "celery_task_rejected": _task_def("Task messages a worker rejected."),
-    "celery_task_revoked": _task_def("Tasks revoked."),
-    "celery_task_runtime": _Def(
-        "histogram", TASK_LABELS, "Seconds a task ran, for runs that returned.",
-        {"buckets": RUNTIME_BUCKETS},
-    ),
-    "celery_task_queue_wait_time": _Def(
-        "histogram", TASK_LABELS, "Seconds from a task's publication to the start of its run.",
-        {"buckets": QUEUE_WAIT_BUCKETS},
-    ),
-    # the last word of any of a worker's processes counts, even from one since replaced
-    "celery_worker_up": _Def(
-        "gauge", ("hostname",), "1 while a worker runs, 0 once it stops.", {"mode": "mostrecent"}
-    ),
-    # summed over the live processes only: a dead child's runs are over
-    "celery_worker_tasks_active": _Def(
-        "gauge", ("hostname",), "Tasks running now.", {"mode": "livesum"}
-    ),
-    "llmgine_command": _Def(
-        "counter", ("command_type", "outcome"), "Commands handled, by outcome."
-    ),
-    "llmgine_command_duration_seconds": _Def(
-        "histogram", ("command_type",), "Seconds a command's handler ran.",
-        {"buckets": LLMGINE_BUCKETS},
-    ),
-    "llmgine_event_published": _Def("counter", ("event_type",), "Events published."),
-    "llmgine_event_handler": _Def(
-        "counter", ("event_type", "group", "handler", "outcome"),
-        "Event handler runs, by outcome (succeeded, failed, retried, skipped).",
-    ),
-    "llmgine_event_handler_duration_seconds": _Def(
-        "histogram", ("event_type", "group", "handler"),
-        "Seconds an event handler ran (succeeded, failed or retried).",
-        {"buckets": LLMGINE_BUCKETS},
-    ),
-    "llmgine_dead_letter": _Def("counter", ("kind",), "Messages and handler runs dead-lettered."),
-}  # fmt: skip
 
 
 class MetricsSink(Sink):
@@ -242,7 +76,7 @@ class MetricsSink(Sink):
     def __init__(
         self, registry: CollectorRegistry | None = None, *, hostname: str | None = None
     ) -> None:
-        self._own = _Store(registry) if registry is not None else None
+        self._own = Store(registry) if registry is not None else None
         self._hostname = hostname or socket.gethostname()
         #: ids of the tasks started in this process and not over yet
         self._active: set[str] = set()
@@ -250,16 +84,26 @@ class MetricsSink(Sink):
 
     def emit(self, record: Record) -> None:
         """Count ``record``: its Celery stage (``state``), and what llmgine makes of it."""
+        self.emit_many((record,))
+
+    def emit_many(self, batch: Sequence[Record]) -> None:
+        """Count the records of ``batch``, writing each series once."""
+        tally = Tally()
+        for record in batch:
+            self._count(record, tally)
+        tally.apply()
+
+    def _count(self, record: Record, tally: Tally) -> None:
         fields = record.fields
         state = fields.get("state")
         if isinstance(state, str) and state in TASK_COUNTERS:
-            self._task(state, fields)
+            self._task(state, fields, tally)
         route = _ROUTES.get(record.event)
         if route is not None:
-            route(self, fields)
+            route(self, fields, tally)
         outcome = HANDLER_OUTCOMES.get(record.event)
         if outcome is not None:
-            self._handler(fields, outcome)
+            self._handler(fields, outcome, tally)
 
     def count(self, name: str, value: float, labels: Mapping[str, str]) -> None:
         """Add ``value`` to the user counter ``name`` (exposed as ``<name>_total``)."""
@@ -271,7 +115,7 @@ class MetricsSink(Sink):
 
     # -- records --------------------------------------------------------------
 
-    def _task(self, state: str, fields: Mapping[str, Any]) -> None:
+    def _task(self, state: str, fields: Mapping[str, Any], tally: Tally) -> None:
         store = self._store()
         name, hostname = _label(fields.get("task_name")), self._host(fields)
         queue = _label(fields.get("queue"))
@@ -280,22 +124,23 @@ class MetricsSink(Sink):
             self._zero(store, name, hostname, queue)
         if state == "failed":
             exception = _label(fields.get("exception"), "UnknownException")
-            store.child("celery_task_failed", name, hostname, exception, queue).inc()
+            tally.inc(store.child("celery_task_failed", name, hostname, exception, queue))
         else:
-            store.child(TASK_COUNTERS[state], name, hostname, queue).inc()
+            tally.inc(store.child(TASK_COUNTERS[state], name, hostname, queue))
         if state == "started":
             wait = _seconds(fields.get("queue_wait_ms"))
             if wait is not None:
-                store.child("celery_task_queue_wait_time", name, hostname, queue).observe(wait)
-            self._started(store, fields.get("task_id"), hostname)
+                series = store.child("celery_task_queue_wait_time", name, hostname, queue)
+                tally.observe(series, wait)
+            self._started(store, fields.get("task_id"), hostname, tally)
         elif state == "succeeded":
             seconds = _seconds(fields.get("duration_ms"))
             if seconds is not None:
-                store.child("celery_task_runtime", name, hostname, queue).observe(seconds)
+                tally.observe(store.child("celery_task_runtime", name, hostname, queue), seconds)
         if state in _RUN_ENDS:
-            self._ended(store, fields.get("task_id"), hostname)
+            self._ended(store, fields.get("task_id"), hostname, tally)
 
-    def _zero(self, store: _Store, name: str, hostname: str, queue: str) -> None:
+    def _zero(self, store: Store, name: str, hostname: str, queue: str) -> None:
         # As celery-exporter does: every stage's series exists from a task's
         # first sighting, so ratios and increase() see a 0 rather than no data.
         for state, metric in TASK_COUNTERS.items():
@@ -304,55 +149,57 @@ class MetricsSink(Sink):
             elif state != "sent":
                 store.child(metric, name, hostname, queue)
 
-    def _started(self, store: _Store, task_id: Any, hostname: str) -> None:
+    def _started(self, store: Store, task_id: Any, hostname: str, tally: Tally) -> None:
         if task_id is None:
             return
         with self._lock:
             new = str(task_id) not in self._active
             self._active.add(str(task_id))
         if new:
-            store.child("celery_worker_tasks_active", hostname).inc()
+            tally.inc(store.child("celery_worker_tasks_active", hostname))
 
-    def _ended(self, store: _Store, task_id: Any, hostname: str) -> None:
+    def _ended(self, store: Store, task_id: Any, hostname: str, tally: Tally) -> None:
         with self._lock:
             started_here = task_id is not None and str(task_id) in self._active
             self._active.discard(str(task_id))
         if started_here:
-            store.child("celery_worker_tasks_active", hostname).dec()
+            tally.inc(store.child("celery_worker_tasks_active", hostname), -1.0)
 
-    def _worker_ready(self, fields: Mapping[str, Any]) -> None:
+    def _worker_ready(self, fields: Mapping[str, Any], tally: Tally) -> None:
+        tally.apply()  # what came before in the batch, before the gauge is set
         self._store().child("celery_worker_up", self._host(fields)).set(1)
 
-    def _worker_stopping(self, fields: Mapping[str, Any]) -> None:
+    def _worker_stopping(self, fields: Mapping[str, Any], tally: Tally) -> None:
+        tally.apply()
         self._store().child("celery_worker_up", self._host(fields)).set(0)
 
-    def _command(self, fields: Mapping[str, Any]) -> None:
+    def _command(self, fields: Mapping[str, Any], tally: Tally) -> None:
         store = self._store()
         command_type = _label(fields.get("command_type"))
-        store.child("llmgine_command", command_type, _label(fields.get("outcome"))).inc()
+        tally.inc(store.child("llmgine_command", command_type, _label(fields.get("outcome"))))
         seconds = _seconds(fields.get("duration_ms"))
         if seconds is not None:
-            store.child("llmgine_command_duration_seconds", command_type).observe(seconds)
+            tally.observe(store.child("llmgine_command_duration_seconds", command_type), seconds)
 
-    def _published(self, fields: Mapping[str, Any]) -> None:
+    def _published(self, fields: Mapping[str, Any], tally: Tally) -> None:
         event_type = _label(fields.get("event_type"))
-        self._store().child("llmgine_event_published", event_type).inc()
+        tally.inc(self._store().child("llmgine_event_published", event_type))
 
-    def _handler(self, fields: Mapping[str, Any], outcome: str) -> None:
+    def _handler(self, fields: Mapping[str, Any], outcome: str, tally: Tally) -> None:
         store = self._store()
         who = tuple(_label(fields.get(k)) for k in ("event_type", "group", "handler"))
-        store.child("llmgine_event_handler", *who, outcome).inc()
+        tally.inc(store.child("llmgine_event_handler", *who, outcome))
         seconds = _seconds(fields.get("duration_ms"))
         if seconds is not None and outcome != "skipped":
-            store.child("llmgine_event_handler_duration_seconds", *who).observe(seconds)
+            tally.observe(store.child("llmgine_event_handler_duration_seconds", *who), seconds)
 
-    def _dead_letter(self, fields: Mapping[str, Any]) -> None:
-        self._store().child("llmgine_dead_letter", _label(fields.get("kind"))).inc()
+    def _dead_letter(self, fields: Mapping[str, Any], tally: Tally) -> None:
+        tally.inc(self._store().child("llmgine_dead_letter", _label(fields.get("kind"))))
 
     # -- plumbing -------------------------------------------------------------
 
-    def _store(self) -> _Store:
-        return self._own if self._own is not None else _default.current()
+    def _store(self) -> Store:
+        return self._own if self._own is not None else DEFAULT.current()
 
     def _user(self, kind: str, name: str, labels: Mapping[str, str]) -> Any:
         _check_user_metric(kind, name, labels)
@@ -367,7 +214,7 @@ class MetricsSink(Sink):
         return self._hostname
 
 
-_ROUTES: Final[Mapping[str, Callable[[MetricsSink, Mapping[str, Any]], None]]] = {
+_ROUTES: Final[Mapping[str, Callable[[MetricsSink, Mapping[str, Any], Tally], None]]] = {
     records.WORKER_READY: MetricsSink._worker_ready,
     records.WORKER_STOPPING: MetricsSink._worker_stopping,
     records.COMMAND_RESULT: MetricsSink._command,
