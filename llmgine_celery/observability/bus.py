@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import os
+import math
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from llmgine_celery.observability import context, records
+from llmgine_celery.observability.process import current_pid
 
 logger = logging.getLogger("llmgine_celery.observability")
 
@@ -29,7 +31,7 @@ class LogLevel(enum.IntEnum):
     CRITICAL = logging.CRITICAL
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """One normalised observability record."""
 
@@ -38,12 +40,45 @@ class Record:
     fields: dict[str, Any] = field(default_factory=dict)
     #: seconds since the epoch; formatted as ``ts`` only where a sink writes it
     created: float = field(default_factory=time.time)
-    pid: int = field(default_factory=os.getpid)
+    pid: int = field(default_factory=current_pid)
 
     @property
     def ts(self) -> str:
-        """``created`` in ISO 8601, UTC."""
-        return datetime.fromtimestamp(self.created, UTC).isoformat()
+        """``created`` in ISO 8601, UTC (as ``datetime.isoformat`` writes it)."""
+        return iso_utc(self.created)
+
+
+class _SecondPrefix(threading.local):
+    """The ISO text of the last whole second formatted on this thread."""
+
+    second = -1
+    text = ""
+
+
+_prefix = _SecondPrefix()
+
+
+def iso_utc(created: float) -> str:
+    """``created`` (seconds since the epoch) in ISO 8601, UTC, to the microsecond.
+
+    The text of ``datetime.fromtimestamp(created, UTC).isoformat()``; records of
+    one second share the date and time, so that part is formatted once.
+    """
+    # rounded as datetime rounds: the fraction alone, half to even
+    fraction_of_second, whole = math.modf(created)
+    fraction = round(fraction_of_second * 1_000_000)
+    second = int(whole)
+    if fraction >= 1_000_000:
+        second, fraction = second + 1, fraction - 1_000_000
+    elif fraction < 0:  # before 1970
+        second, fraction = second - 1, fraction + 1_000_000
+    cached = _prefix
+    if second != cached.second:
+        cached.text = datetime.fromtimestamp(second, UTC).isoformat()[:-6]  # no "+00:00"
+        cached.second = second
+    if fraction:
+        return f"{cached.text}.{fraction:06d}+00:00"
+    return f"{cached.text}+00:00"
 
 
 class Sink:

@@ -12,22 +12,22 @@ are the bus's business (``bus.correlation``): this module knows no wire names.
 from __future__ import annotations
 
 import contextlib
-import os
-import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llmgine_celery.observability.process import random_hex
+
 
 def new_trace_id() -> str:
     """A fresh trace id: 32 hex digits, as W3C trace context and Sentry use."""
-    return uuid.uuid4().hex
+    return random_hex(128)
 
 
 def new_span_id() -> str:
     """A fresh span id: 16 hex digits."""
-    return os.urandom(8).hex()
+    return random_hex(64)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,6 +25,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 from llmgine_celery.observability.bus import Record, Sink
+from llmgine_celery.observability.process import current_pid
 
 logger = logging.getLogger("llmgine_celery.observability")
 
@@ -71,7 +71,7 @@ class ThreadedSink(Sink):
     def emit(self, record: Record) -> None:
         if self._wants is not None and not any(wants(record) for wants in self._wants):
             return  # below every inner sink's level: not worth a trip through the queue
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             self._start()
         self._queue.put(record)
 
@@ -85,7 +85,7 @@ class ThreadedSink(Sink):
 
     def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
         """Wait until every record queued so far is written; False on timeout."""
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             return True  # nothing queued in this process yet
         marker = _Flush()
         self._queue.put(marker)
@@ -93,7 +93,7 @@ class ThreadedSink(Sink):
 
     def close(self) -> None:
         """Write what is queued, stop the thread, close the inner sink."""
-        if self._pid == os.getpid():
+        if self._pid == current_pid():
             self.flush()
             self._queue.put(None)
             self._pid = 0
@@ -102,12 +102,12 @@ class ThreadedSink(Sink):
 
     def _start(self) -> None:
         with self._lock:
-            if self._pid == os.getpid():
+            if self._pid == current_pid():
                 return
             self._queue = queue.SimpleQueue()  # a parent's queued records stay its own
-            name = f"llmgine-sinks-{os.getpid()}"
+            name = f"llmgine-sinks-{current_pid()}"
             threading.Thread(target=self._run, args=(self._queue,), name=name, daemon=True).start()
-            self._pid = os.getpid()
+            self._pid = current_pid()
 
     def _run(self, pending: queue.SimpleQueue[Record | _Flush | None]) -> None:
         while True:
