@@ -28,6 +28,7 @@ MAX_LINE_BYTES = 64 * 1024
 #: bytes of whole lines ``emit_many`` joins into one write
 MAX_WRITE_BYTES = 1024 * 1024
 CORE_KEYS = ("ts", "level", "event", "service", "hostname", "pid")
+_CORE = frozenset(CORE_KEYS)
 STANDARD_KEYS = (
     *("task_id", "task_name", "queue", "retries", "command_id", "event_id", "session_id"),
     *("trace_id", "span_id", "duration_ms", "queue_wait_ms", "exception"),
@@ -90,18 +91,21 @@ class JsonlSink(Sink):
         line: dict[str, JsonValue] = {
             "ts": record.ts,
             "level": record.level.name,
-            "event": self._redact.text(record.event),
+            "event": self._redact.cached_text(record.event),
             "service": self._shown_service,
             "hostname": self._shown_hostname,
             "pid": record.pid,
         }
-        given = record.fields
-        fields = {k: given[k] for k in STANDARD_KEYS if k in given}
-        fields.update(given)  # the standard keys keep their places at the front
-        redacted = self._redact(fields)
+        redacted = self._redact(record.fields)
         assert isinstance(redacted, dict)  # a dict with str keys stays a dict
+        for key in STANDARD_KEYS:  # the standard keys first, in their order
+            if key in redacted:
+                line[key] = redacted[key]
         for key, value in redacted.items():
-            line[f"field.{key}" if key in CORE_KEYS else key] = value
+            if key in _CORE:
+                line[f"field.{key}"] = value
+            elif key not in line:
+                line[key] = value
         return _fit(line, MAX_LINE_BYTES - 1) + b"\n"
 
     def close(self) -> None:

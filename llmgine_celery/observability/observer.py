@@ -231,14 +231,19 @@ class _RequestHeaders(Mapping[str, Any]):
         self._request = request
 
     def __getitem__(self, key: str) -> Any:
-        value = getattr(self._request, key, None)
-        if value is None:
-            headers = getattr(self._request, "headers", None)
-            if isinstance(headers, Mapping):
-                value = headers.get(key)
+        value = self.get(key)
         if value is None:
             raise KeyError(key)
         return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        # the hot path of every task's records: no KeyError for a missing header
+        value = getattr(self._request, key, None)
+        if value is None:
+            headers = getattr(self._request, "headers", None)
+            if type(headers) is dict or isinstance(headers, Mapping):
+                value = headers.get(key)
+        return default if value is None else value
 
     def __iter__(self) -> Any:
         return iter(())
