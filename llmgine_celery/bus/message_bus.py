@@ -137,13 +137,18 @@ class MessageBus:
         if missing is not None:
             return missing
         waiter = self._waiter()
-        waiter.expect(command.id)
+        reply_to = waiter.reply_to  # the worker publishes the result there too
+        waiter.expect(command.id, replied=reply_to is not None)
         correlation = outgoing_headers()
         with self._span(*_command_span(command, envelope, correlation)) as trace:
             # Not awaited: the result wakes this call; a failed send fails the wait.
             self._publisher.post(
                 functools.partial(
-                    self._send, command, envelope, correlation={**correlation, **trace}
+                    self._send,
+                    command,
+                    envelope,
+                    correlation={**correlation, **trace},
+                    reply_to=reply_to,
                 ),
                 on_error=functools.partial(_fail_wait, waiter, command.id),
             )
@@ -263,9 +268,10 @@ class MessageBus:
         envelope: Envelope,
         producer: Any = None,
         correlation: dict[str, Any] | None = None,
+        reply_to: str | None = None,
     ) -> None:
         with self._broker_errors():
-            self._sender.send(command, envelope, producer, correlation)
+            self._sender.send(command, envelope, producer, correlation, reply_to)
 
     def _publish(
         self, envelope: Envelope, headers: dict[str, Any], producer: Any = None

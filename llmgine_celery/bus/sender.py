@@ -113,17 +113,21 @@ class CommandSender:
         envelope: Envelope,
         producer: Any = None,
         correlation: dict[str, Any] | None = None,
+        reply_to: str | None = None,
     ) -> None:
         """Publish ``command`` to its route's queue (default ``llmgine.commands``).
 
         ``correlation`` holds the trace headers, taken where the command was
         issued (this may run on the publisher thread, outside that context).
+        ``reply_to`` names the Redis channel the caller waits on.
         """
         route = self._registry.command_route(type(command))
         headers = dict(correlation) if correlation else {}
         headers[topology.HEADER_COMMAND_ID] = command.id
         headers[topology.HEADER_SESSION_ID] = command.session_id
         headers[topology.HEADER_MESSAGE_TYPE] = envelope["type"]
+        if reply_to is not None:
+            headers[topology.HEADER_REPLY_TO] = reply_to
         self._tasks.send(
             topology.command_task_name(envelope["type"]),
             command.id,

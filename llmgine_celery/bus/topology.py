@@ -38,6 +38,10 @@ HEADER_PARENT_SPAN_ID = "llmgine_parent_span_id"
 HEADER_CAUSATION_ID = "llmgine_causation_id"
 #: when the message was sent (seconds since the epoch): a worker's queue wait is measured from it
 HEADER_SENT_AT = "llmgine_sent_at"
+#: the Redis channel the caller waits on: a worker publishes the command's result there too
+HEADER_REPLY_TO = "llmgine_reply_to"
+#: prefix of a waiting process's reply channel: ``llmgine.reply.<32 hex digits>``
+REPLY_CHANNEL_PREFIX = "llmgine.reply."
 
 #: header names of the ids above, by the field name records give them
 CORRELATION_HEADERS = {
@@ -59,6 +63,19 @@ def check_name(kind: str, name: str) -> str:
     if not _NAME_OK.match(name):
         raise ValueError(f"{kind} {name!r} may hold only letters, digits, '_', '.' and '-'")
     return name
+
+
+_REPLY_CHANNEL = re.compile(rf"^{re.escape(REPLY_CHANNEL_PREFIX)}[0-9a-f]{{32}}$")
+
+
+def reply_channel(token: str) -> str:
+    """The reply channel named by ``token`` (32 hex digits)."""
+    return REPLY_CHANNEL_PREFIX + token
+
+
+def is_reply_channel(name: object) -> bool:
+    """Whether a message's reply header names a channel a worker may publish to."""
+    return isinstance(name, str) and _REPLY_CHANNEL.match(name) is not None
 
 
 def command_task_name(type_name: str) -> str:

@@ -1,11 +1,16 @@
 """Waiting for command results without blocking the event loop.
 
 On a Redis result backend one pub/sub connection per event loop serves every
-pending call. ``expect`` registers a call and queues its SUBSCRIBE (sent in
-one batch per loop iteration); the command can be sent at once, because when
-Redis confirms the subscription the waiter reads the stored key (one MGET per
-batch), which catches a result published before the subscription took hold.
-Other backends are polled with growing sleeps (the embedded file store).
+pending call. Commands this loop sends with ``execute`` name its reply channel
+(``reply_to``), and the worker publishes their results there: the waiter
+subscribes to it once, not once per command. For a command sent elsewhere
+(``fetch_result``) ``expect`` queues a SUBSCRIBE to the task's own channel
+(sent in one batch per loop iteration).
+
+Either way the command can be sent at once: when Redis confirms a subscription
+the waiter reads the stored keys it covers (one MGET per batch), which catches
+a result published before the subscription took hold. Other backends are
+polled with growing sleeps (the embedded file store).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
+from llmgine_celery.bus import topology
 from llmgine_celery.bus.results import READY_STATES
 
 logger = logging.getLogger(__name__)
@@ -27,13 +34,25 @@ Meta = dict[str, Any]
 
 #: a standing subscription keeps the connection in pub/sub mode between calls
 _IDLE_CHANNEL = b"llmgine.results.idle"
+#: the name a waiter's connections have in Redis' CLIENT LIST
+CLIENT_NAME = "llmgine.results"
+#: seconds after which a call waiting on replies also reads its key, and how often:
+#: a result whose publish it missed (a worker that ignores the reply header, a
+#: dropped pub/sub connection) still arrives
+SWEEP_INTERVAL = 1.0
 
 
 class ResultWaiter(Protocol):
     """Waits for the stored state of tasks, by task id."""
 
-    def expect(self, task_id: str) -> None:
-        """Get ready to receive ``task_id``'s result; call before sending it."""
+    #: the channel a worker publishes results to for this waiter (None: no replies)
+    reply_to: str | None
+
+    def expect(self, task_id: str, *, replied: bool = False) -> None:
+        """Get ready to receive ``task_id``'s result; call before sending it.
+
+        ``replied``: the command names ``reply_to``, so no subscription of its own.
+        """
 
     def fail(self, task_id: str, error: BaseException) -> None:
         """Make the wait for ``task_id`` raise ``error`` (its send failed)."""
@@ -95,9 +114,15 @@ class RedisResultWaiter:
 
     def __init__(self, url: str, backend: CeleryBackend) -> None:
         self._backend = backend
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._client: aioredis.Redis = aioredis.Redis.from_url(url, client_name=CLIENT_NAME)
         self._pubsub = self._client.pubsub()
         self._pending: dict[bytes, asyncio.Future[Meta]] = {}
+        self.reply_to: str | None = topology.reply_channel(uuid.uuid4().hex)
+        self._reply = self.reply_to.encode()
+        #: pending keys whose results come on the reply channel, and since when
+        self._replied: dict[bytes, float] = {}
+        #: the reply channel's SUBSCRIBE was queued (its confirmation reads the stored keys)
+        self._reply_asked = False
         self._subscribe = _Batch(self._flush_subscribe)
         # Nothing more is published on a channel once its result came, so
         # unsubscribing can wait and go out in large batches.
@@ -107,11 +132,20 @@ class RedisResultWaiter:
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def expect(self, task_id: str) -> None:
+    def expect(self, task_id: str, *, replied: bool = False) -> None:
         key = self._backend.get_key_for_task(task_id)
-        if key not in self._pending:
-            self._pending[key] = asyncio.get_running_loop().create_future()
+        if key in self._pending:
+            return
+        self._pending[key] = asyncio.get_running_loop().create_future()
+        if not replied:
             self._subscribe.add(key)
+            return
+        self._replied[key] = time.monotonic()
+        if not self._reply_asked:  # its confirmation reads what was stored meanwhile
+            self._reply_asked = True
+            self._subscribe.add(self._reply)
+            if not any(t.get_name() == "llmgine-sweep" for t in self._background):
+                self._spawn(self._sweep(), name="llmgine-sweep")
 
     def fail(self, task_id: str, error: BaseException) -> None:
         future = self._pending.get(self._backend.get_key_for_task(task_id))
@@ -150,7 +184,7 @@ class RedisResultWaiter:
     # -- batches -------------------------------------------------------------
 
     def _flush_subscribe(self, keys: list[bytes]) -> None:
-        keys = [k for k in keys if k in self._pending]
+        keys = [k for k in keys if k in self._pending or k == self._reply]
         if keys and not self._closed:
             self._spawn(self._send_subscribe(keys))
 
@@ -163,6 +197,9 @@ class RedisResultWaiter:
                 await self._pubsub.subscribe(*keys)
         except Exception as exc:
             logger.exception("subscribing to %d result channels failed", len(keys))
+            if self._reply in keys:  # every call waiting on replies fails; the next one retries
+                self._reply_asked = False
+                keys = [*keys, *self._replied]
             for key in keys:
                 future = self._pending.get(key)
                 if future is not None and not future.done():
@@ -204,33 +241,64 @@ class RedisResultWaiter:
             except Exception:
                 logger.exception("result subscription failed; resubscribing")
                 await asyncio.sleep(0.1)
+                own = [k for k in self._pending if k not in self._replied]
+                reply = [self._reply] if self._reply_asked else []
                 with contextlib.suppress(Exception):
-                    await self._pubsub.subscribe(_IDLE_CHANNEL, *self._pending)
+                    await self._pubsub.subscribe(_IDLE_CHANNEL, *reply, *own)
                 continue
             if message is not None:
                 self._on_message(message)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         channel = message["channel"]
-        if message["type"] == "message":
-            self._resolve(channel, message["data"])
-        elif message["type"] == "subscribe" and channel in self._pending:
-            self._confirmed.add(channel)
+        kind = message["type"]
+        if kind == "message":
+            if channel == self._reply:
+                self._resolve_reply(message["data"])
+            else:
+                self._resolve(channel, message["data"])
+        elif kind == "subscribe":
+            if channel == self._reply:
+                for key in self._replied:  # sent before the subscription held
+                    self._confirmed.add(key)
+            elif channel in self._pending:
+                self._confirmed.add(channel)
 
     def _resolve(self, key: bytes, payload: Any) -> None:
         future = self._pending.get(key)
         if future is None or future.done() or payload is None:
             return
+        self._settle(future, self._backend.decode(payload))
+
+    def _resolve_reply(self, payload: Any) -> None:
         meta = self._backend.decode(payload)
+        task_id = meta.get("task_id") if isinstance(meta, dict) else None
+        if isinstance(task_id, str):
+            future = self._pending.get(self._backend.get_key_for_task(task_id))
+            if future is not None and not future.done():
+                self._settle(future, meta)
+
+    @staticmethod
+    def _settle(future: asyncio.Future[Meta], meta: Any) -> None:
         if isinstance(meta, dict) and meta.get("status") in READY_STATES:
             future.set_result(meta)
 
     def _forget(self, key: bytes) -> None:
-        if self._pending.pop(key, None) is not None:
-            self._unsubscribe.add(key)
+        if self._pending.pop(key, None) is None:
+            return
+        if self._replied.pop(key, None) is not None:
+            return  # nothing of its own to unsubscribe from
+        self._unsubscribe.add(key)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            due = time.monotonic() - SWEEP_INTERVAL
+            for key in [k for k, since in self._replied.items() if since <= due]:
+                self._confirmed.add(key)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._background.discard)
 
@@ -243,12 +311,14 @@ def _expire(future: asyncio.Future[Meta]) -> None:
 class PollingResultWaiter:
     """Polls a backend with growing sleeps; for backends without push."""
 
+    reply_to: str | None = None
+
     def __init__(self, backend: CeleryBackend, max_interval: float = 0.1) -> None:
         self._backend = backend
         self._max_interval = max_interval
         self._failed: dict[str, BaseException] = {}
 
-    def expect(self, task_id: str) -> None:
+    def expect(self, task_id: str, *, replied: bool = False) -> None:
         return None
 
     def fail(self, task_id: str, error: BaseException) -> None:

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from kombu import Connection, Producer
 
 from llmgine_celery import CommandResult, MessageValidationError
 from llmgine_celery.bus import topology
+from llmgine_celery.bus.waiters import CLIENT_NAME
 from tests.integration.apps import (
     AsyncWhereAmI,
     Colour,
@@ -30,7 +32,7 @@ from tests.integration.apps import (
     WhereAmI,
 )
 from tests.integration.conftest import Deployment
-from tests.support import REPO, clean_env
+from tests.support import REPO, clean_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +241,33 @@ def test_the_worker_consumes_its_event_group_queue(deployment: Deployment) -> No
             topology.group_queue_name("itest"), passive=True
         )
     assert declared.consumer_count >= 1
+
+
+def waiter_subscriptions(url: str) -> list[int]:
+    """Channels each subscribed result-waiter connection listens to (Redis' CLIENT LIST)."""
+    with redis.Redis.from_url(url) as client:
+        listed = client.client_list()
+    return [int(c["sub"]) for c in listed if c["name"] == CLIENT_NAME and int(c["sub"]) > 0]
+
+
+def test_concurrent_executes_wait_on_one_reply_channel_not_one_channel_each(
+    deployment: Deployment,
+) -> None:
+    backend = deployment.app.settings.backend()
+    seen: list[list[int]] = []
+
+    async def run() -> list[CommandResult]:
+        calls = asyncio.gather(
+            *(deployment.app.message_bus.execute(Sleep(seconds=0.3), timeout=60) for _ in range(12))
+        )
+        # while they run (12 x 0.3 s on 4 worker slots), what the waiter listens to
+        seen.append(await asyncio.to_thread(wait_for, lambda: waiter_subscriptions(backend)))
+        while not calls.done():
+            seen.append(await asyncio.to_thread(waiter_subscriptions, backend))
+            await asyncio.sleep(0.05)
+        return await calls
+
+    results = deployment.run(run())
+    assert all(r.success for r in results), [r.error for r in results]
+    assert len(seen) > 3  # looked several times while the calls were pending
+    assert {tuple(s) for s in seen} == {(2,)}  # its reply channel and the standing idle one

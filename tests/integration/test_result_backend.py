@@ -15,18 +15,22 @@ import pytest
 import redis
 
 from llmgine_celery import ApplicationConfig, Settings
+from llmgine_celery.bus import topology
 from tests.integration.apps import APP_NAME, IntegrationApp
 from tests.support import REDIS_BROKER_URL, require_service, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def request(task_id: str, redelivered: bool) -> SimpleNamespace:
+def request(task_id: str, redelivered: bool, reply_to: str | None = None) -> SimpleNamespace:
     """The parts of a Celery task request the backend looks at."""
-    return SimpleNamespace(
+    found = SimpleNamespace(
         id=task_id, delivery_info={"redelivered": redelivered}, ignore_result=False,
         group=None, parent_id=None, root_id=None, children=[], chord=None,
     )  # fmt: skip
+    if reply_to is not None:
+        setattr(found, topology.HEADER_REPLY_TO, reply_to)
+    return found
 
 
 def backend_on(url: str, tmp_path: Path) -> Any:
@@ -51,13 +55,44 @@ def test_a_redelivered_copy_cannot_overwrite_a_success(tmp_path: Path) -> None:
 
 def store_watched(backend: Any, task_id: str, result: Any) -> Any:
     """Store ``result``; return what a subscriber to the result's channel received."""
+    return store_replied(backend, task_id, result, None)[0]
+
+
+MARK = b"test: everything published before this"
+
+
+def store_replied(
+    backend: Any,
+    task_id: str,
+    result: Any,
+    reply_to: str | None,
+    watched: str = "",
+    redelivered: bool = False,
+) -> tuple[Any, list[Any]]:
+    """Store ``result`` for a message naming ``reply_to``.
+
+    Returns what the result's own channel received, and everything channel
+    ``watched`` (default: ``reply_to``) received up to a mark published after the store.
+    """
     key = backend.get_key_for_task(task_id)
+    other = (watched or reply_to or "test.nothing").encode()
     with redis.Redis.from_url(REDIS_BROKER_URL) as watcher, watcher.pubsub() as pubsub:
-        pubsub.subscribe(key)
-        wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscription")
-        backend.store_result(task_id, result, "SUCCESS", request=request(task_id, False))
-        message = wait_for(lambda: pubsub.get_message(timeout=0.1), what="the published result")
-    return json.loads(message["data"])
+        pubsub.subscribe(key, other)
+        for _ in range(2):
+            wait_for(lambda: pubsub.get_message(timeout=0.1), what="the subscriptions")
+        delivery = request(task_id, redelivered, reply_to)
+        backend.store_result(task_id, result, "SUCCESS", request=delivery)
+        watcher.publish(other, MARK)  # after whatever the store published, on this connection
+        own: Any = None
+        replies: list[Any] = []
+        while True:
+            message = wait_for(lambda: pubsub.get_message(timeout=0.1), what="the messages")
+            if message["channel"] == key:
+                own = json.loads(message["data"])
+            elif message["data"] == MARK:
+                return own, replies
+            else:
+                replies.append(json.loads(message["data"]))
 
 
 def evalsha_calls(client: redis.Redis) -> int:
@@ -80,6 +115,32 @@ def test_a_result_is_stored_and_published_by_one_script(tmp_path: Path) -> None:
     backend.forget(task_id)
 
 
+REPLY = topology.reply_channel("0123456789abcdef" * 2)
+
+
+@pytest.mark.parametrize("redelivered", [False, True], ids=["first delivery", "redelivered"])
+def test_a_result_is_published_on_the_reply_channel_its_message_names(
+    tmp_path: Path, redelivered: bool
+) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    task_id = f"backend-test-{uuid.uuid4()}"
+    own, replies = store_replied(backend, task_id, {"n": 3}, REPLY, redelivered=redelivered)
+    assert own["result"] == {"n": 3} and own["task_id"] == task_id
+    assert replies == [own]  # once, the same meta
+    backend.forget(task_id)
+
+
+@pytest.mark.parametrize("channel", ["llmgine.results.someone-else", "llmgine.reply.short"])
+def test_a_reply_header_that_is_no_reply_channel_gets_nothing(tmp_path: Path, channel: str) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    task_id = f"backend-test-{uuid.uuid4()}"
+    own, replies = store_replied(backend, task_id, {"n": 4}, channel)
+    assert own["result"] == {"n": 4} and replies == []
+    backend.forget(task_id)
+
+
 def test_a_user_refused_scripts_stores_and_publishes_with_a_pipeline(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -97,7 +158,8 @@ def test_a_user_refused_scripts_stores_and_publishes_with_a_pipeline(
             first, second = (f"backend-test-{uuid.uuid4()}" for _ in range(2))
             with caplog.at_level(logging.WARNING, logger="llmgine_celery.bus.result_backend"):
                 assert store_watched(backend, first, {"n": 1})["result"] == {"n": 1}
-                assert store_watched(backend, second, {"n": 2})["result"] == {"n": 2}
+                own, replies = store_replied(backend, second, {"n": 2}, REPLY)
+                assert own["result"] == {"n": 2} and replies == [own]
             refused = [r for r in caplog.records if "refused the result store script" in r.message]
             assert len(refused) == 1  # told once; the second store went straight to the pipeline
             assert password not in caplog.text
