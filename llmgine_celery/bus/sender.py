@@ -3,8 +3,9 @@
 ``Celery.send_task`` re-resolves the route, merges task options, declares the
 queue and builds an ``AsyncResult`` on every call; for our task names all of
 that is the same each time. ``TaskSender`` resolves a route once, declares its
-queue on the first send only, and otherwise uses Celery's own message builder
-and publisher (``app.amqp``), so publish signals and task-sent events still fire.
+queue on the first send only, builds a lean message (``task_message``) and
+publishes it with Celery's own publisher (``app.amqp``), so publish signals,
+publish retries and task-sent events work as for any task.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import json
 import threading
 from typing import TYPE_CHECKING, Any
 
+from celery import signals as celery_signals
+from celery.app.amqp import task_message as TaskMessage
+from celery.utils.nodenames import anon_nodename
+
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.registry import HandlerRegistry
 from llmgine_celery.messages.commands import Command
 from llmgine_celery.messages.envelope import Envelope
 from llmgine_celery.observability import signals
+from llmgine_celery.observability.process import current_pid
 from llmgine_celery.observability.redact import Redactor
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 #: characters of a message's fields shown by Flower and ``celery inspect``
 ARGSREPR_CHARS = 256
@@ -39,8 +48,66 @@ def argsrepr(envelope: Envelope) -> str:
     return f"<{envelope['type']} {data.get('id')}> {shown}"
 
 
-if TYPE_CHECKING:
-    from celery import Celery
+#: the body's third part: no callbacks, errbacks, chain or chord
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+#: this process's Celery origin (``gen<pid>@<host>``), by pid
+_origin: tuple[int, str] = (0, "")
+
+
+def origin() -> str:
+    """What Celery names a process that sends tasks outside any worker."""
+    global _origin
+    pid = current_pid()
+    if _origin[0] != pid:
+        _origin = (pid, anon_nodename())
+    return _origin[1]
+
+
+def task_message(
+    celery: Celery,
+    task_id: str,
+    name: str,
+    envelope: Envelope,
+    *,
+    root_id: str | None = None,
+    parent_id: str | None = None,
+    ignore_result: bool = False,
+) -> Any:
+    """Celery's task protocol 2, without the headers that would carry nothing.
+
+    ``create_task_message`` writes two dozen headers, most of them None, zero or
+    empty (eta, expires, group, shadow, timelimit, stamps, ...), and the worker
+    reads every one of those with a default. Each costs an AMQP table entry to
+    encode here and to decode in the worker. Sent: ``lang``, ``task``, ``id``,
+    ``root_id``, ``argsrepr``, ``kwargsrepr``, ``origin``; ``parent_id`` when
+    sent from a task; ``ignore_result`` when true.
+    """
+    shown = argsrepr(envelope)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "root_id": root_id or task_id,
+        "argsrepr": shown,
+        "kwargsrepr": "{}",
+        "origin": origin(),
+    }
+    if parent_id is not None:
+        headers["parent_id"] = parent_id
+    if ignore_result:
+        headers["ignore_result"] = True
+    if celery_signals.task_sent.receivers:  # Celery's deprecated signal reads these two
+        headers.update(eta=None, group=None)
+    sent_event = None
+    if celery.conf.task_send_sent_event:
+        sent_event = {
+            "uuid": task_id, "root_id": headers["root_id"], "parent_id": parent_id,
+            "name": name, "args": shown, "kwargs": "{}", "retries": 0, "eta": None,
+            "expires": None,
+        }  # fmt: skip
+    properties = {"correlation_id": task_id, "reply_to": celery.thread_oid}
+    body: tuple[Any, ...] = ([envelope], {}, dict(_EMBED))
+    return TaskMessage(headers=headers, properties=properties, body=body, sent_event=sent_event)
 
 
 class TaskSender:
@@ -71,17 +138,13 @@ class TaskSender:
         key = (name, queue)
         options, first = self._route(key)
         root_id, parent_id = _lineage(celery)
-        message = celery.amqp.create_task_message(
+        message = task_message(
+            celery,
             task_id,
             name,
-            [envelope],
-            {},
-            reply_to=celery.thread_oid,
-            create_sent_event=celery.conf.task_send_sent_event,
+            envelope,
             root_id=root_id,
             parent_id=parent_id,
-            argsrepr=argsrepr(envelope),
-            kwargsrepr="{}",
             ignore_result=ignore_result,
         )
         with celery.producer_or_acquire(producer) as pooled, signals.publishing(celery):
@@ -122,10 +185,10 @@ class CommandSender:
         ``reply_to`` names the Redis channel the caller waits on.
         """
         route = self._registry.command_route(type(command))
+        # its id is the task's id and its type in the task's name: not repeated here
         headers = dict(correlation) if correlation else {}
-        headers[topology.HEADER_COMMAND_ID] = command.id
-        headers[topology.HEADER_SESSION_ID] = command.session_id
-        headers[topology.HEADER_MESSAGE_TYPE] = envelope["type"]
+        if command.session_id is not None:
+            headers[topology.HEADER_SESSION_ID] = command.session_id
         if reply_to is not None:
             headers[topology.HEADER_REPLY_TO] = reply_to
         self._tasks.send(
