@@ -13,7 +13,7 @@ from llmgine_celery.bus.registry import CommandRoute, HandlerRegistry
 from llmgine_celery.bus.result_backend import first_delivery
 from llmgine_celery.bus.runtime import call_handler
 from llmgine_celery.errors import MessageError
-from llmgine_celery.messages.commands import Command
+from llmgine_celery.messages.commands import Command, CommandResult
 from llmgine_celery.messages.events import Event
 from llmgine_celery.messages.system import CommandResultEvent, CommandStartedEvent
 
@@ -38,16 +38,16 @@ class CommandHooks:
 
 def run_command(
     registry: HandlerRegistry, task_id: str, envelope: Any, hooks: CommandHooks = CommandHooks()
-) -> dict[str, Any]:
+) -> CommandResult:
     """Run the handler of the command in ``envelope``; always return a result."""
     try:
         command = registry.types.decode(envelope)
     except MessageError as exc:
         logger.warning("command %s rejected: %s", task_id, exc)
-        return results.to_wire(results.failure(task_id, str(exc), reason="invalid_message"))
+        return results.failure(task_id, str(exc), reason="invalid_message")
     route = registry.command_route(type(command))
     if route is None:
-        return results.to_wire(results.no_handler(command.id, type(command).__name__))
+        return results.no_handler(command.id, type(command).__name__)
     started = time.perf_counter()
     if hooks.announce is not None:
         hooks.announce(_started_event(command, envelope))
@@ -58,11 +58,10 @@ def run_command(
         if hooks.on_error is not None:
             hooks.on_error(exc)
         outcome = results.from_exception(command.id, exc)
-    wire = results.to_wire(outcome)
     if hooks.announce is not None:
         elapsed = round((time.perf_counter() - started) * 1000, 3)
-        hooks.announce(_result_event(command, envelope, wire, elapsed))
-    return wire
+        hooks.announce(_result_event(command, envelope, outcome, elapsed))
+    return outcome
 
 
 def _started_event(command: Command, envelope: Any) -> CommandStartedEvent:
@@ -72,13 +71,13 @@ def _started_event(command: Command, envelope: Any) -> CommandStartedEvent:
 
 
 def _result_event(
-    command: Command, envelope: Any, wire: dict[str, Any], elapsed: float
+    command: Command, envelope: Any, outcome: CommandResult, elapsed: float
 ) -> CommandResultEvent:
     return CommandResultEvent(
         command_id=command.id,
         command_type=envelope["type"],
-        success=bool(wire.get("success")),
-        error=wire.get("error"),
+        success=outcome.success,
+        error=outcome.error,
         duration_ms=elapsed,
         session_id=command.session_id,
     )
@@ -94,22 +93,25 @@ def register_command_task(
     if route.task_name in celery.tasks:
         return celery.tasks[route.task_name]
 
-    def command_task(self: Task, envelope: Any) -> dict[str, Any]:
+    def command_task(self: Task, envelope: Any) -> str | dict[str, Any]:
         task_id = self.request.id or ""
         if not first_delivery(self.request):
             # A copy of a command that may have run: a stored success stands.
             meta = self.backend.get_task_meta(task_id)
-            if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
+            stored = meta.get("result")
+            if meta.get("status") == "SUCCESS" and isinstance(stored, str | dict):
                 logger.info("command %s already succeeded; not running it again", task_id)
-                stored: dict[str, Any] = meta["result"]
+                self.request.llmgine_outcome = results.outcome_of(results.from_meta(task_id, meta))
                 return stored
-        return run_command(registry, task_id, envelope, hooks)
+        outcome = run_command(registry, task_id, envelope, hooks)
+        self.request.llmgine_outcome = results.outcome_of(outcome)  # read by the observer
+        return results.to_text(outcome)
 
     command_task.__doc__ = f"Run the handler of {route.command_type.__name__} commands."
     # No ``queue`` option (deprecated in Celery 6): MessageBus passes the
     # route's queue with each send, and Celery's task_routes apply otherwise.
-    # Celery reprs each result twice (its log line, the task-succeeded event): a
-    # short repr costs a fraction of walking a whole CommandResult, payload included.
+    # The result is text (``results.to_text``): Celery reprs it (its log line,
+    # the task-succeeded event) cut to RESULT_REPR_CHARS.
     task: Task = celery.task(
         name=route.task_name, bind=True, shared=False, resultrepr_maxsize=RESULT_REPR_CHARS
     )(command_task)

@@ -150,7 +150,8 @@ class TaskObserver:
         kind = self.kind(task_name)
         fields = self._finished(request, "succeeded")
         if kind == "command":
-            outcome, error = _command_outcome(result)
+            # the command task leaves its outcome on the request: its result is JSON text
+            outcome, error = _command_outcome(getattr(request, "llmgine_outcome", None) or result)
             fields.update(outcome=outcome, error=error)
             level = LogLevel.INFO if outcome == "success" else LogLevel.WARNING
             self._emit(level, records.COMMAND_RESULT, fields)

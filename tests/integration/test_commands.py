@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from kombu import Connection, Producer
 from llmgine_celery import CommandResult, MessageValidationError
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.waiters import CLIENT_NAME
+from llmgine_celery.messages.envelope import load
 from tests.integration.apps import (
     AsyncWhereAmI,
     Colour,
@@ -271,3 +273,12 @@ def test_concurrent_executes_wait_on_one_reply_channel_not_one_channel_each(
     assert all(r.success for r in results), [r.error for r in results]
     assert len(seen) > 3  # looked several times while the calls were pending
     assert {tuple(s) for s in seen} == {(2,)}  # its reply channel and the standing idle one
+
+
+def test_the_stored_result_is_the_json_text_of_the_command_result(deployment: Deployment) -> None:
+    command = WhereAmI(tag="stored")
+    result = deployment.run(deployment.app.message_bus.execute(command, timeout=30))
+    stored = deployment.app.celery.AsyncResult(command.id)
+    assert stored.state == "SUCCESS" and isinstance(stored.result, str)
+    assert load(CommandResult, json.loads(stored.result)) == result
+    assert deployment.app.message_bus.fetch_result_sync(command.id, timeout=5) == result

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from celery import signals as celery_signals
 
-from llmgine_celery.bus import topology
+from llmgine_celery.bus import results, topology
 from llmgine_celery.bus.correlation import from_headers, outgoing_headers
 from llmgine_celery.observability import context, records, signals
 from llmgine_celery.observability.bus import ObservabilityBus, Record, Sink
@@ -56,8 +56,7 @@ def command_request(command_id: str, trace_id: str) -> Request:
     return Request(
         id=command_id,
         delivery_info={"routing_key": topology.COMMAND_QUEUE},
-        headers={
-            topology.HEADER_COMMAND_ID: command_id,
+        headers={  # as a command's message: its id is the task id, no header of its own
             topology.HEADER_TRACE_ID: trace_id,
             topology.HEADER_SESSION_ID: "s1",
             topology.HEADER_PARENT_SPAN_ID: "p" * 16,
@@ -122,6 +121,18 @@ def test_failure_results_are_told_apart_by_outcome() -> None:
         watch.ended(request)
     outcomes = [r.fields["outcome"] for r in keep.records if r.event == records.COMMAND_RESULT]
     assert outcomes == list(cases)
+
+
+def test_a_result_stored_as_text_is_told_by_the_outcome_its_task_left() -> None:
+    watch, keep = observer()
+    request = command_request("c9", "d" * 32)
+    watch.started("llmgine.command.Ask", request)
+    failed = results.no_handler("c9", "Ask")
+    request.llmgine_outcome = results.outcome_of(failed)  # type: ignore[attr-defined]
+    watch.succeeded("llmgine.command.Ask", request, results.to_text(failed))
+    watch.ended(request)
+    result = keep.records[-1]
+    assert result.fields["outcome"] == "no_handler" and result.fields["error"] == failed.error
 
 
 def test_handler_runs_name_group_handler_and_event() -> None:

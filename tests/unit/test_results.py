@@ -41,10 +41,24 @@ def test_from_meta_success_with_result_payload() -> None:
 
 
 def test_from_meta_success_with_failed_result_payload_stays_failed() -> None:
-    payload = results.to_wire(results.failure("c-1", "bad input"))
+    payload = json.loads(results.to_text(results.failure("c-1", "bad input")))
     result = results.from_meta("c-1", {"status": "SUCCESS", "result": payload})
     assert result.success is False
     assert result.error == "bad input"
+
+
+def test_from_meta_reads_a_result_stored_as_text() -> None:
+    original = CommandResult(
+        command_id="c-1", success=False, result=[1, 2.5], error="no", metadata={"k": "v"}
+    )
+    stored = {"status": "SUCCESS", "result": results.to_text(original)}
+    assert results.from_meta("c-1", stored) == original
+
+
+def test_from_meta_keeps_any_other_string_as_a_plain_value() -> None:
+    for text in ("hello", '{"a": 1}', "[1, 2]", "{not json"):
+        result = results.from_meta("c-1", {"status": "SUCCESS", "result": text})
+        assert result == CommandResult(command_id="c-1", success=True, result=text)
 
 
 def test_from_meta_success_with_plain_value_wraps_it() -> None:
@@ -107,8 +121,8 @@ def test_from_exception_names_type_and_message_and_keeps_traceback() -> None:
 
 
 def test_from_exception_result_is_sendable_as_json() -> None:
-    wire = results.to_wire(results.from_exception("c-1", raised(ValueError("boom"))))
-    assert json.loads(json.dumps(wire))["error"] == "ValueError: boom"
+    text = results.to_text(results.from_exception("c-1", raised(ValueError("boom"))))
+    assert json.loads(text)["error"] == "ValueError: boom"
 
 
 def test_from_outcome_plain_value_is_success() -> None:
@@ -133,22 +147,32 @@ def test_from_outcome_command_result_gets_the_command_id() -> None:
     assert (result.success, result.error, result.result) == (False, "no", 3)
 
 
-# --- to_wire -------------------------------------------------------------------------
+# --- to_text -------------------------------------------------------------------------
 
 
-def test_to_wire_round_trips_through_json() -> None:
+def test_to_text_round_trips_through_json() -> None:
     original = CommandResult(command_id="c-1", success=True, result={"a": [1, 2.5, "x"]})
-    wire = json.loads(json.dumps(results.to_wire(original)))
-    assert load(CommandResult, wire) == original
+    assert load(CommandResult, json.loads(results.to_text(original))) == original
 
 
-def test_to_wire_of_unencodable_result_becomes_a_failure() -> None:
-    wire = results.to_wire(CommandResult(command_id="c-1", success=True, result=object()))
-    json.dumps(wire)
+def test_to_text_of_unencodable_result_becomes_a_failure() -> None:
+    wire = json.loads(
+        results.to_text(CommandResult(command_id="c-1", success=True, result=object()))
+    )
     assert wire["command_id"] == "c-1"
     assert wire["success"] is False
     assert "cannot be sent as JSON" in wire["error"]
     assert wire["result"] is None
+
+
+def test_outcome_of_gives_the_observer_success_error_and_reason() -> None:
+    assert results.outcome_of(results.no_handler("c-1", "Foo")) == {
+        "success": False,
+        "error": "no handler registered for command type Foo (task llmgine.command.Foo)",
+        "metadata": {"reason": "no_handler"},
+    }
+    done = results.outcome_of(CommandResult(command_id="c-1", success=True, result=1))
+    assert done == {"success": True, "error": None, "metadata": {"reason": None}}
 
 
 def test_timed_out_names_timeout_and_command() -> None:
