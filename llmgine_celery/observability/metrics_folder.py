@@ -122,7 +122,12 @@ def _value_class(folder: Path, previous: str | None) -> Any:
 
 
 def _close_files() -> None:
-    # at exit, rather than as garbage (which warns of unclosed files)
+    # At exit, rather than as garbage (which warns of unclosed files). Registered
+    # after the writer threads' own flush, so it runs first: records still queued
+    # are counted now, or a write into a closed file would lose them.
+    from llmgine_celery.observability.threaded import flush_all
+
+    flush_all()
     close = getattr(prometheus_values, "close_all_multiprocess_files", None)
     if close is not None:
         close()

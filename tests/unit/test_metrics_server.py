@@ -100,6 +100,29 @@ def test_a_new_run_wipes_the_files_of_a_finished_one(tmp_path: Path) -> None:
     assert commands_in(tmp_path) == 3.0
 
 
+def test_records_still_queued_at_exit_are_counted_before_the_files_close(tmp_path: Path) -> None:
+    out = run_python(
+        f"""
+        from pathlib import Path
+        from llmgine_celery.observability import metrics
+        from llmgine_celery.observability.bus import LogLevel, Record
+        from llmgine_celery.observability.threaded import ThreadedSink
+
+        metrics.configure_multiprocess(Path({str(tmp_path)!r}))
+        sink = ThreadedSink(metrics.MetricsSink())
+        record = Record(LogLevel.INFO, "command.result",
+                        {{"command_type": "Ask", "outcome": "success"}})
+        sink.emit(record)
+        sink.flush()  # the metric and its file exist
+        for _ in range(5):  # queued for the writer thread; the process exits at once
+            sink.emit(record)
+        print("queued")
+        """
+    )
+    assert out.strip() == "queued"
+    assert commands_in(tmp_path) == 6.0
+
+
 def test_a_process_joining_a_live_folder_keeps_its_files(tmp_path: Path) -> None:
     live = subprocess.Popen(
         [sys.executable, "-W", "error", "-c", RECORD_AND_WAIT, str(tmp_path), "4"],
