@@ -1,4 +1,4 @@
-"""Celery's Redis result backend, minus three costs llmgine-celery does not need, plus replies.
+"""Celery's Redis result backend, minus costs llmgine-celery does not need, plus replies.
 
 * ``on_task_call``: Celery subscribes its synchronous pub/sub to every task it
   sends, and never reads those channels unless ``.get()`` is called, so results
@@ -15,9 +15,11 @@
   reply to parse. Against a pipeline it saved a worker 2-5% of its CPU per
   command (``bench/worker_cost.py --versus-checkout``: medians 0.95x and
   0.98x; the same code against itself measured 0.97x-1.04x per round). A
-  server that refuses scripts (an ACL without ``@scripting``, a renamed or
-  disabled ``EVALSHA``) gets the same two commands as a pipeline, from then
-  on; so does a result without expiry.
+  server that refuses scripts gets a pipeline (``result_store``), where each
+  worker thread writes on a connection of its own: against redis-py's pooled
+  client that took a threads worker's CPU per command to 0.85x-0.88x.
+* ``_get_result_meta`` looks up ``result_extended`` and converts the time zone
+  on every call (19 us); with neither in use the meta is built directly (3 us).
 
 A command sent by ``execute()`` names its caller's reply channel in a header
 (``llmgine_reply_to``); its result is published there too, in the same script.
@@ -28,70 +30,30 @@ waits there (``AsyncResult.get()``, ``fetch_result`` from another process).
 
 from __future__ import annotations
 
-import logging
+import time
 from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
-from redis.exceptions import NoPermissionError, ResponseError
 
 from llmgine_celery.bus import topology
+from llmgine_celery.bus.result_store import ResultStore
+from llmgine_celery.observability.bus import iso_utc
 
-logger = logging.getLogger(__name__)
-
-#: SET with expiry, then PUBLISH, of one key: KEYS[1], ARGV = value, seconds[, reply channel]
-STORE_AND_PUBLISH = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-local receivers = redis.call('PUBLISH', KEYS[1], ARGV[1])
-if ARGV[3] then
-  receivers = receivers + redis.call('PUBLISH', ARGV[3], ARGV[1])
-end
-return receivers
-"""
 #: Celery's own cap on a stored value (RedisBackend._MAX_STR_VALUE_SIZE)
 MAX_VALUE_SIZE = getattr(RedisBackend, "_MAX_STR_VALUE_SIZE", 512 * 1024 * 1024)
-
-
-def scripts_refused(exc: ResponseError) -> bool:
-    """Whether ``exc`` says this user or server may not run the script at all."""
-    return isinstance(exc, NoPermissionError) or "unknown command" in str(exc).lower()
 
 
 def store_and_publish(
     backend: Any, key: Any, value: Any, expires: int | None, reply_to: str | None = None
 ) -> None:
-    """SET ``key`` (expiring after ``expires`` seconds, if any), then PUBLISH it.
-
-    Published on ``reply_to`` as well, when given. One script call where the
-    server allows scripts; else, and for a key that never expires, the commands
-    in a pipeline (no transaction).
-    """
-    client = backend.client
-    if expires and backend.llmgine_scripts_allowed:
-        script = backend.llmgine_store_script
-        if script is None:  # a race makes two equal scripts: harmless
-            script = backend.llmgine_store_script = client.register_script(STORE_AND_PUBLISH)
-        args = [value, int(expires)] if reply_to is None else [value, int(expires), reply_to]
-        try:
-            script(keys=[key], args=args, client=client)
-            return
-        except ResponseError as exc:  # NOSCRIPT is handled by redis-py itself
-            if not scripts_refused(exc):
-                raise
-            backend.llmgine_scripts_allowed = False
-            logger.warning(
-                "Redis refused the result store script (%s); "
-                "storing results with SET and PUBLISH from now on",
-                exc,
-            )
-    with client.pipeline(transaction=False) as pipe:
-        pipe.set(key, value, ex=expires or None)
-        pipe.publish(key, value)
-        if reply_to is not None:
-            pipe.publish(reply_to, value)
-        pipe.execute()
+    """SET ``key`` (expiring after ``expires`` seconds), PUBLISH it (and on ``reply_to``)."""
+    store = backend.llmgine_result_store
+    if store is None:  # a race makes two stores: harmless, each keeps its own connections
+        store = backend.llmgine_result_store = ResultStore(backend.client)
+    store.store(key, value, expires, reply_to)
 
 
 def reply_channel_of(request: Any) -> str | None:
@@ -108,57 +70,79 @@ def first_delivery(request: Any) -> bool:
     return not delivery_info.get("redelivered")
 
 
-def llmgine_redis_backend(cls: type[RedisBackend]) -> type[RedisBackend]:
-    """``cls`` (Celery's Redis backend or a subclass) with the three costs removed."""
+class LLMgineBackendMixin:
+    """What llmgine changes in Celery's Redis backend (mixed in before it)."""
 
-    class LLMgineRedisBackend(cls):
-        def on_task_call(self, producer: Any, task_id: str) -> None:
-            return None
+    #: writes results (made on first use: the client connects lazily)
+    llmgine_result_store: ResultStore | None = None
+    #: whether Celery's own meta is needed (result_extended, a local time zone)
+    llmgine_celery_meta: bool | None = None
 
-        #: the store script, registered on first use
-        llmgine_store_script: Any = None
-        #: False once the server refused the script: pipelines from then on
-        llmgine_scripts_allowed = True
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
 
-        def _set(self, key: Any, value: Any, expires: Any = None) -> None:
-            store_and_publish(self, key, value, self.expires if expires is None else expires)
+    def _set(self: Any, key: Any, value: Any, expires: Any = None) -> None:
+        store_and_publish(self, key, value, self.expires if expires is None else expires)
 
-        def _store_result(
-            self,
-            task_id: str,
-            result: Any,
-            state: str,
-            traceback: Any = None,
-            request: Any = None,
-            **kwargs: Any,
-        ) -> Any:
-            meta = self._get_result_meta(
+    def _store_result(
+        self: Any,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self.llmgine_meta(result, state, traceback, request)
+        meta["task_id"] = bytes_to_str(task_id)
+        # As Celery does, a stored success stands; only a redelivery can meet one.
+        redelivered = not first_delivery(request)
+        if redelivered and self._get_task_meta_for(task_id).get("status") == states.SUCCESS:
+            return result
+        try:
+            self.llmgine_store(self.get_key_for_task(task_id), self.encode(meta), state, request)
+        except BackendStoreError as exc:
+            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        return result
+
+    def llmgine_meta(
+        self: Any, result: Any, state: str, traceback: Any, request: Any
+    ) -> dict[str, Any]:
+        """Celery's result meta, without its per-call settings lookup and time zone math."""
+        if self.llmgine_celery_meta is None:
+            extended = self.app.conf.find_value_for_key("extended", "result")
+            self.llmgine_celery_meta = bool(extended) or str(self.app.timezone) != "UTC"
+        if self.llmgine_celery_meta:
+            meta: dict[str, Any] = self._get_result_meta(
                 result=result, state=state, traceback=traceback, request=request
             )
-            meta["task_id"] = bytes_to_str(task_id)
-            # As Celery does, a stored success stands; only a redelivery can meet one.
-            redelivered = not first_delivery(request)
-            if redelivered and self._get_task_meta_for(task_id).get("status") == states.SUCCESS:
-                return result
-            try:
-                self.llmgine_store(
-                    self.get_key_for_task(task_id), self.encode(meta), state, request
-                )
-            except BackendStoreError as exc:
-                raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
-            return result
+            return meta
+        meta = {
+            "status": state,
+            "result": result,
+            "traceback": traceback,
+            "children": self.current_task_children(request),
+            "date_done": iso_utc(time.time()) if state in self.READY_STATES else None,
+        }
+        for field, meta_key in (("group", "group_id"), ("parent_id", "parent_id")):
+            value = getattr(request, field, None)
+            if value:
+                meta[meta_key] = value
+        return meta
 
-        def llmgine_store(self, key: Any, value: Any, state: str, request: Any) -> None:
-            """Store and publish one task state, with Celery's expiry and retries."""
-            if isinstance(value, str | bytes) and len(value) > MAX_VALUE_SIZE:
-                raise BackendStoreError("value too large for Redis backend")
-            expires = getattr(self, "failure_expires", None) if state == states.FAILURE else None
-            expires = self.expires if expires is None else expires
-            args = (self, key, value, expires, reply_channel_of(request))
-            try:  # the common case without kombu's retry wrapper around it
-                store_and_publish(*args)
-            except self.connection_errors:
-                self.ensure(store_and_publish, args)
+    def llmgine_store(self: Any, key: Any, value: Any, state: str, request: Any) -> None:
+        """Store and publish one task state, with Celery's expiry and retries."""
+        if isinstance(value, str | bytes) and len(value) > MAX_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend")
+        expires = getattr(self, "failure_expires", None) if state == states.FAILURE else None
+        expires = self.expires if expires is None else expires
+        args = (self, key, value, expires, reply_channel_of(request))
+        try:  # the common case without kombu's retry wrapper around it
+            store_and_publish(*args)
+        except self.connection_errors:
+            self.ensure(store_and_publish, args)
 
-    LLMgineRedisBackend.__name__ = LLMgineRedisBackend.__qualname__ = f"LLMgine{cls.__name__}"
-    return LLMgineRedisBackend
+
+def llmgine_redis_backend(cls: type[RedisBackend]) -> type[RedisBackend]:
+    """``cls`` (Celery's Redis backend or a subclass) with llmgine's changes mixed in."""
+    return type(f"LLMgine{cls.__name__}", (LLMgineBackendMixin, cls), {})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,7 +158,7 @@ def test_a_user_refused_scripts_stores_and_publishes_with_a_pipeline(
         try:
             backend = backend_on(url, tmp_path)
             first, second = (f"backend-test-{uuid.uuid4()}" for _ in range(2))
-            with caplog.at_level(logging.WARNING, logger="llmgine_celery.bus.result_backend"):
+            with caplog.at_level(logging.WARNING, logger="llmgine_celery.bus.result_store"):
                 assert store_watched(backend, first, {"n": 1})["result"] == {"n": 1}
                 own, replies = store_replied(backend, second, {"n": 2}, REPLY)
                 assert own["result"] == {"n": 2} and replies == [own]
@@ -169,3 +171,87 @@ def test_a_user_refused_scripts_stores_and_publishes_with_a_pipeline(
                 backend.forget(task_id)
         finally:
             admin.acl_deluser(user)
+
+
+def connections_received(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_connections_received"])
+
+
+def test_each_thread_stores_on_one_connection_not_one_per_result(tmp_path: Path) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    ids = [[f"backend-test-{uuid.uuid4()}" for _ in range(20)] for _ in range(3)]
+
+    def store_all(task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            backend.store_result(
+                task_id, {"t": task_id}, "SUCCESS", request=request(task_id, False)
+            )
+
+    with redis.Redis.from_url(REDIS_BROKER_URL) as client:
+        before = connections_received(client)
+        threads = [threading.Thread(target=store_all, args=(chunk,)) for chunk in ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert connections_received(client) - before == 3  # one per thread, not one per store
+    for task_id in (i for chunk in ids for i in chunk):
+        assert backend.get_task_meta(task_id, cache=False)["result"] == {"t": task_id}
+        backend.forget(task_id)
+
+
+def test_a_killed_connection_is_replaced_and_the_result_still_stored(tmp_path: Path) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    first, second = (f"backend-test-{uuid.uuid4()}" for _ in range(2))
+    backend.store_result(first, 1, "SUCCESS", request=request(first, False))
+    with redis.Redis.from_url(REDIS_BROKER_URL) as admin:
+        mine = [c for c in admin.client_list() if c["cmd"] == "evalsha"]
+        assert mine, "the store's connection ran the script"
+        for found in mine:
+            admin.client_kill_filter(_id=found["id"])
+    backend.store_result(second, 2, "SUCCESS", request=request(second, False))
+    assert backend.get_task_meta(second, cache=False)["result"] == 2
+    for task_id in (first, second):
+        backend.forget(task_id)
+
+
+def test_a_flushed_script_cache_is_reloaded(tmp_path: Path) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    task_id = f"backend-test-{uuid.uuid4()}"
+    with redis.Redis.from_url(REDIS_BROKER_URL) as client:
+        client.script_flush()  # as a restarted server has no scripts
+        before = evalsha_calls(client)
+        published = store_watched(backend, task_id, {"n": 5})
+        assert evalsha_calls(client) > before
+        assert 0 < client.ttl(backend.get_key_for_task(task_id)) <= backend.expires
+    assert published["result"] == {"n": 5}
+    backend.forget(task_id)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # 3.12+: threads in pytest
+def test_a_forked_child_stores_on_a_connection_of_its_own(tmp_path: Path) -> None:
+    require_service(REDIS_BROKER_URL)
+    backend = backend_on(REDIS_BROKER_URL, tmp_path)
+    parent_ids = [f"backend-test-{uuid.uuid4()}" for _ in range(300)]
+    child_ids = [f"backend-test-{uuid.uuid4()}" for _ in range(300)]
+    backend.store_result(parent_ids[0], 0, "SUCCESS", request=request(parent_ids[0], False))
+    pid = os.fork()
+    if pid == 0:  # the child: store, then leave without pytest's cleanup
+        code = 1
+        try:
+            for task_id in child_ids:
+                backend.store_result(task_id, "child", "SUCCESS", request=request(task_id, False))
+            code = 0
+        finally:
+            os._exit(code)
+    for task_id in parent_ids[1:]:  # meanwhile, on the parent's connection
+        backend.store_result(task_id, "parent", "SUCCESS", request=request(task_id, False))
+    assert os.waitpid(pid, 0)[1] == 0
+    for task_ids, value in ((parent_ids[1:], "parent"), (child_ids, "child")):
+        for task_id in task_ids:
+            assert backend.get_task_meta(task_id, cache=False)["result"] == value
+            backend.forget(task_id)
+    backend.forget(parent_ids[0])
