@@ -11,7 +11,6 @@ handler sends joins the trace) and its start time.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,7 +55,6 @@ class TaskObserver:
         self._on_started = on_started
         self._on_error = on_error
         self._runs: dict[str, _Run] = {}
-        self._lock = threading.Lock()
 
     # -- what a task is -----------------------------------------------------
 
@@ -70,24 +68,30 @@ class TaskObserver:
 
     def message_fields(self, task_name: str | None, headers: Mapping[str, Any]) -> dict[str, Any]:
         """The llmgine ids a task message carries in its headers."""
-        h = self._h
-        fields: dict[str, Any] = {
-            "task_id": headers.get("id"),
-            "task_name": task_name,
-            "session_id": headers.get(h["session_id"]),
-            "trace_id": headers.get(h["trace_id"]),
-            "parent_span_id": headers.get(h["parent_span_id"]),
-            "causation_id": headers.get(h["causation_id"]),
-        }
+        h, get = self._h, headers.get
+        fields: dict[str, Any] = {}
+        task_id = get("id")
+        if task_id is not None:
+            fields["task_id"] = task_id
+        if task_name is not None:
+            fields["task_name"] = task_name
+        for name in ("session_id", "trace_id", "parent_span_id", "causation_id"):
+            value = get(h[name])
+            if value is not None:
+                fields[name] = value
         kind = self.kind(task_name)
         if kind == "command" and task_name is not None:
-            fields["command_id"] = headers.get(h["command_id"]) or headers.get("id")
+            command_id = get(h["command_id"]) or task_id
+            if command_id is not None:
+                fields["command_id"] = command_id
             fields["command_type"] = task_name[len(self._command_prefix) :]
         elif kind == "handler" and task_name is not None:
-            fields["event_id"] = headers.get(h["event_id"])
-            fields["event_type"] = headers.get(h["type"])
+            for name, header in (("event_id", h["event_id"]), ("event_type", h["type"])):
+                value = get(header)
+                if value is not None:
+                    fields[name] = value
             fields["group"], fields["handler"] = self._handler_names[task_name]
-        return {k: v for k, v in fields.items() if v is not None}
+        return fields
 
     # -- producer side ------------------------------------------------------
 
@@ -122,26 +126,23 @@ class TaskObserver:
         fields = self.message_fields(task_name, headers)
         handled = fields.get("command_id") or fields.get("event_id") or fields.get("task_id")
         correlation = self._correlation_from(headers, handled)
-        fields.update(
-            trace_id=correlation.trace_id,
-            span_id=correlation.span_id,
-            queue=_queue_of(request),
-            retries=getattr(request, "retries", 0) or 0,
-            state="started",
-            worker=getattr(request, "hostname", None),
-        )
+        fields["trace_id"] = correlation.trace_id
+        fields["span_id"] = correlation.span_id
+        queue = _queue_of(request)
+        if queue is not None:
+            fields["queue"] = queue
+        fields["retries"] = getattr(request, "retries", 0) or 0
+        fields["state"] = "started"
+        worker = getattr(request, "hostname", None)
+        if worker is not None:
+            fields["worker"] = worker
         waited = _queue_wait(headers.get(self._h["sent_at"]), getattr(request, "eta", None))
         if waited is not None:
             fields["queue_wait_ms"] = waited
         token = context.activate(correlation)
-        with self._lock:
-            self._runs[str(request.id)] = _Run(time.perf_counter(), token, fields)
-        event = {
-            "command": records.COMMAND_STARTED,
-            "handler": records.HANDLER_STARTED,
-            "task": records.TASK_STARTED,
-        }[self.kind(task_name)]
-        self._emit(LogLevel.INFO, event, fields)
+        # one run per task id, set and popped on its own thread: a dict item needs no lock
+        self._runs[str(request.id)] = _Run(time.perf_counter(), token, fields)
+        self._record(LogLevel.INFO, _STARTED[self.kind(task_name)], fields)
         if self._on_started is not None:
             self._on_started(fields)
 
@@ -152,15 +153,17 @@ class TaskObserver:
         if kind == "command":
             # the command task leaves its outcome on the request: its result is JSON text
             outcome, error = _command_outcome(getattr(request, "llmgine_outcome", None) or result)
-            fields.update(outcome=outcome, error=error)
+            fields["outcome"] = outcome
+            if error is not None:
+                fields["error"] = error
             level = LogLevel.INFO if outcome == "success" else LogLevel.WARNING
-            self._emit(level, records.COMMAND_RESULT, fields)
+            self._record(level, records.COMMAND_RESULT, fields)
         elif kind == "handler":
             skipped = getattr(request, "llmgine_skipped", False)
             event = records.HANDLER_SKIPPED if skipped else records.HANDLER_SUCCEEDED
-            self._emit(LogLevel.INFO, event, fields)
+            self._record(LogLevel.INFO, event, fields)
         else:
-            self._emit(LogLevel.INFO, records.TASK_SUCCEEDED, fields)
+            self._record(LogLevel.INFO, records.TASK_SUCCEEDED, fields)
 
     def retried(self, task_name: str, request: Any, reason: Any) -> None:
         """A task raised and will run again."""
@@ -188,8 +191,7 @@ class TaskObserver:
 
     def ended(self, request: Any) -> None:
         """A task's run is over, whatever happened: leave its correlation."""
-        with self._lock:
-            run = self._runs.pop(str(getattr(request, "id", "")), None)
+        run = self._runs.pop(str(getattr(request, "id", "")), None)
         if run is not None:
             context.deactivate(run.token)
 
@@ -200,13 +202,13 @@ class TaskObserver:
     # -- internals ----------------------------------------------------------
 
     def _finished(self, request: Any, state: str, *, keep: bool = False) -> dict[str, Any]:
-        key = str(getattr(request, "id", ""))
-        with self._lock:
-            run = self._runs.get(key)
+        run = self._runs.get(str(getattr(request, "id", "")))
         if run is None:  # no prerun seen (e.g. a failure before the task started)
             headers = _RequestHeaders(request)
             fields = self.message_fields(getattr(request, "task", None), headers)
-            fields["queue"] = _queue_of(request)
+            queue = _queue_of(request)
+            if queue is not None:
+                fields["queue"] = queue
         else:
             fields = dict(run.fields)
             fields["duration_ms"] = round((time.perf_counter() - run.started) * 1000, 3)
@@ -219,10 +221,21 @@ class TaskObserver:
         self, level: LogLevel, event: str, fields: dict[str, Any], ts: float | None = None
     ) -> None:
         present = {k: v for k, v in fields.items() if v is not None}
-        record = Record(level=level, event=event, fields=present)
+        record = Record(level, event, present)
         if ts is not None:
             record.created = ts
         self.bus.emit(record)
+
+    def _record(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
+        # the hot path: fields built here hold no None
+        self.bus.emit(Record(level, event, fields))
+
+
+_STARTED = {
+    "command": records.COMMAND_STARTED,
+    "handler": records.HANDLER_STARTED,
+    "task": records.TASK_STARTED,
+}
 
 
 class _RequestHeaders(Mapping[str, Any]):
