@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals as celery_signals
 from celery.app.amqp import task_message as TaskMessage
 from celery.utils.nodenames import anon_nodename
+from pydantic_core import PydanticSerializationError, to_json
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.registry import HandlerRegistry
@@ -42,7 +43,10 @@ def argsrepr(envelope: Envelope) -> str:
     redacted = _redact(fields)
     if isinstance(redacted, dict):  # cut long strings after redacting: no half secret shows
         redacted = {k: v[:ARGSREPR_CHARS] if isinstance(v, str) else v for k, v in redacted.items()}
-    shown = json.dumps(redacted, ensure_ascii=False, default=str)
+    try:
+        shown = to_json(redacted).decode()
+    except PydanticSerializationError:  # a lone surrogate, say
+        shown = json.dumps(redacted, ensure_ascii=False, default=str)
     if len(shown) > ARGSREPR_CHARS:
         shown = shown[: ARGSREPR_CHARS - 3] + "..."
     return f"<{envelope['type']} {data.get('id')}> {shown}"
@@ -72,6 +76,7 @@ def task_message(
     root_id: str | None = None,
     parent_id: str | None = None,
     ignore_result: bool = False,
+    sent_event: bool | None = None,
 ) -> Any:
     """Celery's task protocol 2, without the headers that would carry nothing.
 
@@ -80,7 +85,8 @@ def task_message(
     reads every one of those with a default. Each costs an AMQP table entry to
     encode here and to decode in the worker. Sent: ``lang``, ``task``, ``id``,
     ``root_id``, ``argsrepr``, ``kwargsrepr``, ``origin``; ``parent_id`` when
-    sent from a task; ``ignore_result`` when true.
+    sent from a task; ``ignore_result`` when true. ``sent_event`` (default:
+    ``task_send_sent_event``) adds what Celery's task-sent event carries.
     """
     shown = argsrepr(envelope)
     headers: dict[str, Any] = {
@@ -98,16 +104,18 @@ def task_message(
         headers["ignore_result"] = True
     if celery_signals.task_sent.receivers:  # Celery's deprecated signal reads these two
         headers.update(eta=None, group=None)
-    sent_event = None
-    if celery.conf.task_send_sent_event:
-        sent_event = {
+    if sent_event is None:
+        sent_event = bool(celery.conf.task_send_sent_event)
+    event = None
+    if sent_event:
+        event = {
             "uuid": task_id, "root_id": headers["root_id"], "parent_id": parent_id,
             "name": name, "args": shown, "kwargs": "{}", "retries": 0, "eta": None,
             "expires": None,
         }  # fmt: skip
     properties = {"correlation_id": task_id, "reply_to": celery.thread_oid}
     body: tuple[Any, ...] = ([envelope], {}, dict(_EMBED))
-    return TaskMessage(headers=headers, properties=properties, body=body, sent_event=sent_event)
+    return TaskMessage(headers=headers, properties=properties, body=body, sent_event=event)
 
 
 class TaskSender:
@@ -117,6 +125,8 @@ class TaskSender:
         self._celery = celery
         self._lock = threading.Lock()
         self._routes: dict[tuple[str, str | None], dict[str, Any]] = {}
+        # read once: a settings lookup costs microseconds, and sends come by the thousand
+        self._sent_events = bool(celery.conf.task_send_sent_event)
 
     def send(
         self,
@@ -146,9 +156,14 @@ class TaskSender:
             root_id=root_id,
             parent_id=parent_id,
             ignore_result=ignore_result,
+            sent_event=self._sent_events,
         )
+        send = celery.amqp.send_task_message
         with celery.producer_or_acquire(producer) as pooled, signals.publishing(celery):
-            celery.amqp.send_task_message(pooled, name, message, headers=headers, **options)
+            try:  # first without kombu's retry wrapper, which costs a closure per publish
+                send(pooled, name, message, headers=headers, retry=False, **options)
+            except _recoverable(pooled):  # then as Celery would: reconnect and retry
+                send(pooled, name, message, headers=headers, **options)
         if first:
             with self._lock:  # later sends skip declaring the queue
                 self._routes[key] = {**options, "declare": []}
@@ -199,6 +214,16 @@ class CommandSender:
             headers=headers,
             producer=producer,
         )
+
+
+def _recoverable(producer: Any) -> tuple[type[BaseException], ...]:
+    """The errors after which a publish is worth retrying on a revived connection."""
+    connection = producer.connection
+    errors: tuple[type[BaseException], ...] = (
+        *connection.recoverable_connection_errors,
+        *connection.recoverable_channel_errors,
+    )
+    return errors
 
 
 def _lineage(celery: Celery) -> tuple[str | None, str | None]:
