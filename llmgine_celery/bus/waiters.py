@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -268,10 +269,10 @@ class RedisResultWaiter:
         future = self._pending.get(key)
         if future is None or future.done() or payload is None:
             return
-        self._settle(future, self._backend.decode(payload))
+        self._settle(future, decode_meta(self._backend, payload))
 
     def _resolve_reply(self, payload: Any) -> None:
-        meta = self._backend.decode(payload)
+        meta = decode_meta(self._backend, payload)
         task_id = meta.get("task_id") if isinstance(meta, dict) else None
         if isinstance(task_id, str):
             future = self._pending.get(self._backend.get_key_for_task(task_id))
@@ -301,6 +302,19 @@ class RedisResultWaiter:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._background.discard)
+
+
+def decode_meta(backend: CeleryBackend, payload: Any) -> Any:
+    """A stored task state; plain JSON is read without kombu's per-object hook.
+
+    kombu's decoder calls a Python hook for every JSON object, to restore the
+    types it marks (``__type__``); a meta with no mark (a command's result is
+    text) reads the same without it. Anything else, a compressed payload
+    among them, goes through the backend.
+    """
+    if isinstance(payload, bytes) and payload[:1] == b"{" and b'"__type__"' not in payload:
+        return json.loads(payload)
+    return backend.decode(payload)
 
 
 def _expire(future: asyncio.Future[Meta]) -> None:
