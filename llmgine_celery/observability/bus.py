@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -31,21 +30,66 @@ class LogLevel(enum.IntEnum):
     CRITICAL = logging.CRITICAL
 
 
-@dataclass(slots=True)
 class Record:
-    """One normalised observability record."""
+    """One normalised observability record.
 
-    level: LogLevel
-    event: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    #: seconds since the epoch; formatted as ``ts`` only where a sink writes it
-    created: float = field(default_factory=time.time)
-    pid: int = field(default_factory=current_pid)
+    ``fields`` are given, or made by ``build`` on first use. The task lifecycle's
+    records are built that way: the task's thread only notes what it must (times,
+    ids, the outcome), and the sinks' writer thread, which reads the fields,
+    formats them there. A sink that never looks at a record's fields (the console
+    sink with lifecycle records off) never has them made.
+    """
+
+    __slots__ = ("_build", "_fields", "created", "event", "level", "pid")
+
+    def __init__(
+        self,
+        level: LogLevel,
+        event: str,
+        fields: dict[str, Any] | None = None,
+        created: float | None = None,
+        pid: int | None = None,
+        *,
+        build: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.level = level
+        self.event = event
+        self._fields = fields if fields is not None or build is not None else {}
+        self._build = build
+        #: seconds since the epoch; formatted as ``ts`` only where a sink writes it
+        self.created = time.time() if created is None else created
+        self.pid = current_pid() if pid is None else pid
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The record's fields (made now if they were left to ``build``)."""
+        found = self._fields
+        if found is None:
+            found = self._fields = _built(self.event, self._build)
+        return found
+
+    @fields.setter
+    def fields(self, value: dict[str, Any]) -> None:
+        self._fields = value
 
     @property
     def ts(self) -> str:
         """``created`` in ISO 8601, UTC (as ``datetime.isoformat`` writes it)."""
         return iso_utc(self.created)
+
+    def __repr__(self) -> str:
+        return f"Record({self.level.name}, {self.event!r}, {self.fields!r})"
+
+
+def _built(event: str, build: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    """What ``build`` makes; a failure is a field of its own, not a broken sink."""
+    if build is None:
+        return {}
+    try:
+        return build()
+    except Exception as exc:  # two threads may build at once: both get equal fields
+        logger.exception("fields of record %s could not be built", event)
+        return {"error": f"fields could not be built: {type(exc).__name__}: {exc}"}
 
 
 class _SecondPrefix(threading.local):

@@ -6,11 +6,18 @@ becomes ``command.started`` / ``command.result`` and a handler task's run
 ``handler.*``, while any other task keeps the generic ``task.*`` names. While a
 task runs, the observer holds its :class:`Correlation` (so everything the
 handler sends joins the trace) and its start time.
+
+On a task's own thread the observer does only what must happen there: enter
+the correlation, note the times and the outcome. The records' fields are built
+on first use (``Record(build=...)``), which for the lifecycle records is the
+sinks' writer thread: a threads-pool worker's task threads spend the GIL on
+tasks rather than on formatting records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,7 +37,8 @@ CorrelationFrom = Callable[[Mapping[str, Any], str | None], context.Correlation]
 class _Run:
     started: float
     token: Any
-    fields: dict[str, Any]
+    #: the run's started record, whose fields its later records start from
+    record: Record
 
 
 class TaskObserver:
@@ -117,57 +125,48 @@ class TaskObserver:
 
     def received(self, task_name: str | None, task_id: str | None, queue: str | None) -> None:
         """A worker received a task message."""
-        fields = {"task_id": task_id, "task_name": task_name, "queue": queue, "state": "received"}
-        self._emit(LogLevel.DEBUG, records.TASK_RECEIVED, fields)
+        fields = functools.partial(_present, task_id=task_id, task_name=task_name, queue=queue)
+        self.bus.emit(Record(LogLevel.DEBUG, records.TASK_RECEIVED, build=fields))
 
     def started(self, task_name: str, request: Any) -> None:
         """A task starts running: enter its correlation, record the start."""
+        kind = self.kind(task_name)
         headers = _RequestHeaders(request)
-        fields = self.message_fields(task_name, headers)
-        handled = fields.get("command_id") or fields.get("event_id") or fields.get("task_id")
-        correlation = self._correlation_from(headers, handled)
-        fields["trace_id"] = correlation.trace_id
-        fields["span_id"] = correlation.span_id
-        queue = _queue_of(request)
-        if queue is not None:
-            fields["queue"] = queue
-        fields["retries"] = getattr(request, "retries", 0) or 0
-        fields["state"] = "started"
-        worker = getattr(request, "hostname", None)
-        if worker is not None:
-            fields["worker"] = worker
-        waited = _queue_wait(headers.get(self._h["sent_at"]), getattr(request, "eta", None))
-        if waited is not None:
-            fields["queue_wait_ms"] = waited
+        correlation = self._correlation_from(headers, self._handled(kind, headers))
         token = context.activate(correlation)
+        build = functools.partial(
+            self._started_fields, task_name, request, correlation, time.time()
+        )
+        record = Record(LogLevel.INFO, _STARTED[kind], build=build)
         # one run per task id, set and popped on its own thread: a dict item needs no lock
-        self._runs[str(request.id)] = _Run(time.perf_counter(), token, fields)
-        self._record(LogLevel.INFO, _STARTED[self.kind(task_name)], fields)
+        self._runs[str(request.id)] = _Run(time.perf_counter(), token, record)
+        self.bus.emit(record)
         if self._on_started is not None:
-            self._on_started(fields)
+            self._on_started(record.fields)
 
     def succeeded(self, task_name: str, request: Any, result: Any) -> None:
         """A task returned."""
         kind = self.kind(task_name)
-        fields = self._finished(request, "succeeded")
+        ended = time.perf_counter()
         if kind == "command":
             # the command task leaves its outcome on the request: its result is JSON text
             outcome, error = _command_outcome(getattr(request, "llmgine_outcome", None) or result)
-            fields["outcome"] = outcome
-            if error is not None:
-                fields["error"] = error
             level = LogLevel.INFO if outcome == "success" else LogLevel.WARNING
-            self._record(level, records.COMMAND_RESULT, fields)
+            extra = {"outcome": outcome} if error is None else {"outcome": outcome, "error": error}
+            event = records.COMMAND_RESULT
         elif kind == "handler":
+            level, extra = LogLevel.INFO, {}
             skipped = getattr(request, "llmgine_skipped", False)
             event = records.HANDLER_SKIPPED if skipped else records.HANDLER_SUCCEEDED
-            self._record(LogLevel.INFO, event, fields)
         else:
-            self._record(LogLevel.INFO, records.TASK_SUCCEEDED, fields)
+            level, extra, event = LogLevel.INFO, {}, records.TASK_SUCCEEDED
+        run = self._runs.get(str(getattr(request, "id", "")))
+        build = functools.partial(self._finished, request, "succeeded", run, ended, extra)
+        self.bus.emit(Record(level, event, build=build))
 
     def retried(self, task_name: str, request: Any, reason: Any) -> None:
         """A task raised and will run again."""
-        fields = self._finished(request, "retried", keep=True)
+        fields = self._finished_now(request, "retried")
         exc = getattr(reason, "exc", None) or reason
         if isinstance(exc, BaseException):
             fields.update(exception=type(exc).__name__, error=str(exc))
@@ -178,7 +177,7 @@ class TaskObserver:
 
     def failed(self, task_name: str, request: Any, exc: BaseException | None) -> None:
         """A task raised for the last time."""
-        fields = self._finished(request, "failed")
+        fields = self._finished_now(request, "failed")
         if exc is not None:
             fields.update(exception=type(exc).__name__, error=str(exc))
         kind = self.kind(task_name)
@@ -201,8 +200,46 @@ class TaskObserver:
 
     # -- internals ----------------------------------------------------------
 
-    def _finished(self, request: Any, state: str, *, keep: bool = False) -> dict[str, Any]:
+    def _handled(self, kind: str, headers: _RequestHeaders) -> str | None:
+        """The id of the message a task handles: the cause of whatever it sends."""
+        if kind == "command":
+            found = headers.get(self._h["command_id"])
+        elif kind == "handler":
+            found = headers.get(self._h["event_id"])
+        else:
+            found = None
+        if found is None:
+            found = headers.get("id")
+        return found if isinstance(found, str) else None
+
+    def _started_fields(
+        self, task_name: str, request: Any, correlation: context.Correlation, now: float
+    ) -> dict[str, Any]:
+        headers = _RequestHeaders(request)
+        fields = self.message_fields(task_name, headers)
+        fields["trace_id"] = correlation.trace_id
+        fields["span_id"] = correlation.span_id
+        queue = _queue_of(request)
+        if queue is not None:
+            fields["queue"] = queue
+        fields["retries"] = getattr(request, "retries", 0) or 0
+        fields["state"] = "started"
+        worker = getattr(request, "hostname", None)
+        if worker is not None:
+            fields["worker"] = worker
+        sent_at = headers.get(self._h["sent_at"])
+        waited = _queue_wait(sent_at, getattr(request, "eta", None), now)
+        if waited is not None:
+            fields["queue_wait_ms"] = waited
+        return fields
+
+    def _finished_now(self, request: Any, state: str) -> dict[str, Any]:
         run = self._runs.get(str(getattr(request, "id", "")))
+        return self._finished(request, state, run, time.perf_counter(), {})
+
+    def _finished(
+        self, request: Any, state: str, run: _Run | None, ended: float, extra: dict[str, Any]
+    ) -> dict[str, Any]:
         if run is None:  # no prerun seen (e.g. a failure before the task started)
             headers = _RequestHeaders(request)
             fields = self.message_fields(getattr(request, "task", None), headers)
@@ -210,11 +247,12 @@ class TaskObserver:
             if queue is not None:
                 fields["queue"] = queue
         else:
-            fields = dict(run.fields)
-            fields["duration_ms"] = round((time.perf_counter() - run.started) * 1000, 3)
+            fields = dict(run.record.fields)
+            fields["duration_ms"] = round((ended - run.started) * 1000, 3)
         fields.pop("queue_wait_ms", None)
         fields["state"] = state
         fields["retries"] = getattr(request, "retries", 0) or 0
+        fields.update(extra)
         return fields
 
     def _emit(
@@ -225,10 +263,6 @@ class TaskObserver:
         if ts is not None:
             record.created = ts
         self.bus.emit(record)
-
-    def _record(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
-        # the hot path: fields built here hold no None
-        self.bus.emit(Record(level, event, fields))
 
 
 _STARTED = {
@@ -286,12 +320,19 @@ def _command_outcome(result: Any) -> tuple[str, str | None]:
     return str(outcome), error if isinstance(error, str) else None
 
 
-def _queue_wait(sent_at: Any, eta: Any) -> float | None:
-    """Milliseconds since the message was sent, or since its ETA (a retry's backoff is no wait)."""
+def _present(**fields: Any) -> dict[str, Any]:
+    """The received record's fields: the ones known."""
+    found = {k: v for k, v in fields.items() if v is not None}
+    found["state"] = "received"
+    return found
+
+
+def _queue_wait(sent_at: Any, eta: Any, now: float) -> float | None:
+    """Milliseconds from the message's sending (or its ETA: a retry's backoff is no wait) to now."""
     if not isinstance(sent_at, int | float):
         return None
     ready = float(sent_at)
     if isinstance(eta, str):
         with contextlib.suppress(ValueError):
             ready = max(ready, datetime.fromisoformat(eta).timestamp())
-    return round(max(0.0, time.time() - ready) * 1000, 3)
+    return round(max(0.0, now - ready) * 1000, 3)

@@ -106,3 +106,42 @@ def test_a_forked_child_writes_its_own_records_and_not_its_parents(tmp_path: Pat
     sink.close()
     events = [r["event"] for r in lines(jsonl.path)]
     assert sorted(events) == ["child", "parent-after", "parent-before"]
+
+
+def test_a_lazy_records_fields_are_built_on_the_writer_thread_once(tmp_path: Path) -> None:
+    built_on: list[str] = []
+
+    def build() -> dict[str, object]:
+        built_on.append(threading.current_thread().name)
+        return {"task_id": "t-1", "n": 1}
+
+    jsonl = JsonlSink(tmp_path, "svc")
+    bus = ObservabilityBus("svc", [ThreadedSink(jsonl)])
+    record = Record(LogLevel.INFO, "command.started", build=build)
+    bus.emit(record)  # the console sink skips lifecycle records without reading them
+    bus.close()
+    writer = [f"llmgine-sinks-{os.getpid()}"]
+    assert built_on == writer
+    assert record.fields == {"task_id": "t-1", "n": 1}
+    assert built_on == writer  # read again here: not built again
+    assert [(r["event"], r["task_id"], r["n"]) for r in lines(jsonl.path)] == [
+        ("command.started", "t-1", 1)
+    ]
+
+
+def test_a_builder_that_fails_gives_an_error_field_and_the_sink_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> dict[str, object]:
+        raise KeyError("gone")
+
+    jsonl = JsonlSink(tmp_path, "svc")
+    bus = ObservabilityBus("svc", [ThreadedSink(jsonl)])
+    with caplog.at_level(logging.ERROR, "llmgine_celery.observability"):
+        bus.emit(Record(LogLevel.INFO, "command.started", build=broken))
+        bus.emit(Record(LogLevel.INFO, "command.result", {"task_id": "t-2"}))
+        bus.close()
+    first, second = lines(jsonl.path)
+    assert first["event"] == "command.started" and "KeyError" in str(first["error"])
+    assert second == {**second, "event": "command.result", "task_id": "t-2"}
+    assert "could not be built" in caplog.text
