@@ -117,28 +117,46 @@ class MetricsSink(Sink):
 
     def _task(self, state: str, fields: Mapping[str, Any], tally: Tally) -> None:
         store = self._store()
+        exception = fields.get("exception") if state == "failed" else None
+        key = (state, fields.get("task_name"), fields.get("worker"), fields.get("queue"), exception)
+        series = store.task_series.get(key)
+        if series is None:  # looked up once per state, task, worker, queue (and exception)
+            series = store.task_series[key] = self._task_series(store, state, fields, exception)
+        counter, timing, active = series
+        tally.inc(counter)
+        if timing is not None:
+            seconds = _seconds(fields.get("queue_wait_ms" if state == "started" else "duration_ms"))
+            if seconds is not None:
+                tally.observe(timing, seconds)
+        if active is not None:
+            if state == "started":
+                self._started(fields.get("task_id"), active, tally)
+            else:
+                self._ended(fields.get("task_id"), active, tally)
+
+    def _task_series(
+        self, store: Store, state: str, fields: Mapping[str, Any], exception: Any
+    ) -> tuple[Any, Any, Any]:
+        """The counter of ``state``, its histogram if it has one, the active-tasks gauge."""
         name, hostname = _label(fields.get("task_name")), self._host(fields)
         queue = _label(fields.get("queue"))
         if state != "sent" and (name, hostname, queue) not in store.seen:
             store.seen.add((name, hostname, queue))
             self._zero(store, name, hostname, queue)
         if state == "failed":
-            exception = _label(fields.get("exception"), "UnknownException")
-            tally.inc(store.child("celery_task_failed", name, hostname, exception, queue))
+            failed = _label(exception, "UnknownException")
+            counter = store.child("celery_task_failed", name, hostname, failed, queue)
         else:
-            tally.inc(store.child(TASK_COUNTERS[state], name, hostname, queue))
+            counter = store.child(TASK_COUNTERS[state], name, hostname, queue)
+        timing = None
         if state == "started":
-            wait = _seconds(fields.get("queue_wait_ms"))
-            if wait is not None:
-                series = store.child("celery_task_queue_wait_time", name, hostname, queue)
-                tally.observe(series, wait)
-            self._started(store, fields.get("task_id"), hostname, tally)
+            timing = store.child("celery_task_queue_wait_time", name, hostname, queue)
         elif state == "succeeded":
-            seconds = _seconds(fields.get("duration_ms"))
-            if seconds is not None:
-                tally.observe(store.child("celery_task_runtime", name, hostname, queue), seconds)
-        if state in _RUN_ENDS:
-            self._ended(store, fields.get("task_id"), hostname, tally)
+            timing = store.child("celery_task_runtime", name, hostname, queue)
+        active = None
+        if state == "started" or state in _RUN_ENDS:
+            active = store.child("celery_worker_tasks_active", hostname)
+        return counter, timing, active
 
     def _zero(self, store: Store, name: str, hostname: str, queue: str) -> None:
         # As celery-exporter does: every stage's series exists from a task's
@@ -149,21 +167,21 @@ class MetricsSink(Sink):
             elif state != "sent":
                 store.child(metric, name, hostname, queue)
 
-    def _started(self, store: Store, task_id: Any, hostname: str, tally: Tally) -> None:
+    def _started(self, task_id: Any, active: Any, tally: Tally) -> None:
         if task_id is None:
             return
         with self._lock:
             new = str(task_id) not in self._active
             self._active.add(str(task_id))
         if new:
-            tally.inc(store.child("celery_worker_tasks_active", hostname))
+            tally.inc(active)
 
-    def _ended(self, store: Store, task_id: Any, hostname: str, tally: Tally) -> None:
+    def _ended(self, task_id: Any, active: Any, tally: Tally) -> None:
         with self._lock:
             started_here = task_id is not None and str(task_id) in self._active
             self._active.discard(str(task_id))
         if started_here:
-            tally.inc(store.child("celery_worker_tasks_active", hostname), -1.0)
+            tally.inc(active, -1.0)
 
     def _worker_ready(self, fields: Mapping[str, Any], tally: Tally) -> None:
         tally.apply()  # what came before in the batch, before the gauge is set

@@ -53,6 +53,8 @@ class Store:
         self.seen: set[tuple[str, str, str]] = set()
         #: llmgine's series by (metric, label values): prometheus' labels() is slow
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        #: a task stage's series, by (state, task name, worker, queue, exception)
+        self.task_series: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
     def child(self, name: str, *values: str) -> Any:
         """The series of llmgine's metric ``name`` with ``values`` (in its labels' order)."""
