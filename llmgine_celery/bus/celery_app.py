@@ -11,7 +11,7 @@ from celery.app import backends
 from celery.backends.redis import RedisBackend
 from kombu.entity import Exchange, Queue
 
-from llmgine_celery.bus import topology
+from llmgine_celery.bus import topology, worker_gc
 from llmgine_celery.bus.result_backend import llmgine_redis_backend
 from llmgine_celery.errors import ConfigurationError
 from llmgine_celery.settings import Settings
@@ -93,6 +93,7 @@ def build_celery(
     conf["task_queues"] = task_queues(groups, extra_queues)
     celery = LLMgineCelery(name, broker=broker, backend=settings.backend(), set_as_current=False)
     celery.conf.update(conf)
+    worker_gc.connect()  # acts only in a worker's processes
     return celery
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+import gc
 import os
 import threading
 import time
@@ -123,6 +124,7 @@ def where() -> dict[str, Any]:
         "task_id": request.id,
         "task_name": current_task.name,
         "routing_key": (request.delivery_info or {}).get("routing_key"),
+        "gc_frozen": gc.get_freeze_count(),
     }
 
 

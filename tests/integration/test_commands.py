@@ -49,6 +49,12 @@ def test_execute_returns_the_result_made_in_a_worker_process(deployment: Deploym
     assert result.result["pid"] in deployment.worker.pids
 
 
+def test_the_worker_process_froze_its_startup_objects(deployment: Deployment) -> None:
+    result = deployment.run(deployment.app.message_bus.execute(WhereAmI(tag="gc"), timeout=30))
+    assert result.success, result.error
+    assert result.result["gc_frozen"] > 10_000  # Celery, kombu, the app: out of gc's walks
+
+
 def test_each_command_type_is_its_own_task_with_the_command_id(deployment: Deployment) -> None:
     command = WhereAmI(tag="names")
     result = deployment.run(deployment.app.message_bus.execute(command, timeout=30))
