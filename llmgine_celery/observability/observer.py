@@ -286,9 +286,11 @@ class _RequestHeaders(Mapping[str, Any]):
 
     def get(self, key: str, default: Any = None) -> Any:
         # the hot path of every task's records: no KeyError for a missing header
-        value = getattr(self._request, key, None)
+        request = self._request
+        attributes = getattr(request, "__dict__", None)
+        value = attributes.get(key) if attributes is not None else getattr(request, key, None)
         if value is None:
-            headers = getattr(self._request, "headers", None)
+            headers = getattr(request, "headers", None)
             if type(headers) is dict or isinstance(headers, Mapping):
                 value = headers.get(key)
         return default if value is None else value
