@@ -9,6 +9,12 @@ from one event loop. The JSONL files are checked at the end: one
 
 Run from the repository root: ``.venv/bin/python bench/observability.py`` (15 rounds).
 Goal (issue 4): "on" throughput at least 0.95x "off". Reported, never enforced.
+
+``--versus-checkout PATH`` turns it into a paired end-to-end comparison of two
+versions of the worker: both sides as configured (observability on), the second
+side's worker running the llmgine-celery checkout at PATH (e.g. ``git worktree
+add /tmp/base HEAD~1``). The producers are this checkout's on both sides, so it
+measures a change to the worker, in the ``commands.py`` setting.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pydantic import SecretStr
 from bench.apps.llmgine_echo import Echo, EchoApp
 from bench.report import Sample, measure, rate_rows
 from bench.workers import (
+    REPO_ROOT,
     BenchError,
     Worker,
     load_average,
@@ -50,8 +57,10 @@ CALL_TIMEOUT = 120.0
 SIDES = ("on", "off")
 
 
-def side_env(side: str, broker: str, backend: str, folder: Path) -> dict[str, str]:
-    on = "true" if side == "on" else "false"
+def side_env(
+    side: str, broker: str, backend: str, folder: Path, versus: Path | None = None
+) -> dict[str, str]:
+    on = "true" if side == "on" or versus is not None else "false"
     return {
         "LLMGINE_BROKER_URL": broker,
         "LLMGINE_RESULT_BACKEND": backend,
@@ -121,20 +130,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # fewer rounds move the ratio of medians by several points from run to run
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--payload-bytes", type=int, default=1024)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--versus-checkout",
+        type=Path,
+        metavar="PATH",
+        help="compare this code's worker with the worker of the checkout at PATH, both with "
+        "observability on, instead of observability on with off",
+    )
+    args = parser.parse_args(argv)
+    if args.versus_checkout is not None:
+        args.versus_checkout = args.versus_checkout.resolve()
+        if not (args.versus_checkout / "llmgine_celery" / "__init__.py").is_file():
+            parser.error(f"--versus-checkout: no llmgine_celery package in {args.versus_checkout}")
+    return args
+
+
+def label(side: str, args: argparse.Namespace) -> str:
+    """A side's name in the report."""
+    if args.versus_checkout is None:
+        return f"observability {side}"
+    return "this checkout" if side == "on" else "the other checkout"
 
 
 def run(args: argparse.Namespace) -> list[str]:
     load_before = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="bench-observability-"))
     log(f"data and worker logs in {tmp}")
+    versus = args.versus_checkout
     envs = {
         side: side_env(
-            side, vhost_url(args.broker, f"llmgine-bench-obs-{side}"), args.backend, tmp / side
+            side,
+            vhost_url(args.broker, f"llmgine-bench-obs-{side}"),
+            args.backend,
+            tmp / side,
+            versus,
         )
         for side in SIDES
     }
-    samples: dict[str, list[Sample]] = {f"observability {s}": [] for s in SIDES}
+    samples: dict[str, list[Sample]] = {label(s, args): [] for s in SIDES}
     with ExitStack() as stack:
         sides = {side: Side(side, envs[side]) for side in SIDES}
         for copy in sides.values():
@@ -143,8 +176,11 @@ def run(args: argparse.Namespace) -> list[str]:
         workers: dict[str, Worker] = {}
         stack.callback(stop_all, workers.values())
         for side in SIDES:
+            # the other checkout's worker imports llmgine_celery from there
+            code = versus if versus is not None and side == "off" else REPO_ROOT
+            env = {**envs[side], "PYTHONPATH": str(code)}
             workers[side] = start_worker(
-                f"obs-{side}", "bench.apps.llmgine_echo:celery", args, tmp, env=envs[side]
+                f"obs-{side}", "bench.apps.llmgine_echo:celery", args, tmp, env=env, cwd=code
             )
         for side in SIDES:
             wait_ready(workers[side], sides[side].app.celery)
@@ -156,7 +192,7 @@ def run(args: argparse.Namespace) -> list[str]:
                 batch = payloads(f"r{round_no}-{side}", args.n, args.payload_bytes)
                 burst = functools.partial(sides[side].burst, batch)
                 sample = measure([workers[side]], args.n, burst)
-                samples[f"observability {side}"].append(sample)
+                samples[label(side, args)].append(sample)
                 log(f"  {side:<4} {args.n / sample.wall:8.0f} calls/s ({sample.wall:.2f}s)")
         for worker in workers.values():
             worker.check_alive()
@@ -164,10 +200,32 @@ def run(args: argparse.Namespace) -> list[str]:
     written = count_results(tmp / "on")
     if written < calls_on:
         raise BenchError(f"observability on: {written} command.result lines for {calls_on} calls")
-    if count_results(tmp / "off"):
+    if versus is None and count_results(tmp / "off"):
         raise BenchError("observability off wrote JSONL lines")
+    return report(args, samples, load_before, written, calls_on)
+
+
+def report(
+    args: argparse.Namespace,
+    samples: dict[str, list[Sample]],
+    load_before: str,
+    written: int,
+    calls: int,
+) -> list[str]:
+    """The report's lines: rates per side, and the ratio of the first side's to the second's."""
     rates = {k: statistics.median(s.calls / s.wall for s in v) for k, v in samples.items()}
-    ratio = rates["observability on"] / rates["observability off"]
+    first, second = samples
+    ratio = rates[first] / rates[second]
+    if args.versus_checkout is None:
+        met = "met" if ratio >= GOAL else "NOT met"
+        verdict = f"ratio on / off: {ratio:.3f}x  (goal >= {GOAL}x: {met})"
+    else:  # the same rounds' rates: the machine's phases move both sides together
+        pairs = [b.wall / a.wall for a, b in zip(samples[first], samples[second], strict=True)]
+        verdict = (
+            f"ratio this / other checkout ({args.versus_checkout}): {ratio:.3f}x of the "
+            f"medians; per round {' '.join(f'{p:.2f}' for p in pairs)} "
+            f"(median {statistics.median(pairs):.3f}x)"
+        )
     return [
         f"broker {redact_url(args.broker)} (a vhost per side)  backend {redact_url(args.backend)}",
         f"worker -P {args.pool} -c {args.concurrency} (one per side); {args.rounds} rounds of "
@@ -175,8 +233,8 @@ def run(args: argparse.Namespace) -> list[str]:
         f"load average before: {load_before}",
         "",
         *rate_rows(samples, "calls/s"),
-        f"ratio on / off: {ratio:.3f}x  (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})",
-        f"JSONL: {written} command.result lines for {calls_on} calls on the 'on' side",
+        verdict,
+        f"JSONL: {written} command.result lines for {calls} calls on the first side",
     ]
 
 
