@@ -41,6 +41,8 @@ from bench.workers import (
     REPO_ROOT,
     BenchError,
     Worker,
+    add_versus_checkout,
+    check_versus_checkout,
     load_average,
     log,
     prepare_queues,
@@ -130,18 +132,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # fewer rounds move the ratio of medians by several points from run to run
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--payload-bytes", type=int, default=1024)
-    parser.add_argument(
-        "--versus-checkout",
-        type=Path,
-        metavar="PATH",
-        help="compare this code's worker with the worker of the checkout at PATH, both with "
+    add_versus_checkout(
+        parser,
+        "compare this code's worker with the worker of the checkout at PATH, both with "
         "observability on, instead of observability on with off",
     )
     args = parser.parse_args(argv)
-    if args.versus_checkout is not None:
-        args.versus_checkout = args.versus_checkout.resolve()
-        if not (args.versus_checkout / "llmgine_celery" / "__init__.py").is_file():
-            parser.error(f"--versus-checkout: no llmgine_celery package in {args.versus_checkout}")
+    check_versus_checkout(parser, args)
     return args
 
 

@@ -40,6 +40,8 @@ from bench.workers import (
     REPO_ROOT,
     BenchError,
     Worker,
+    add_versus_checkout,
+    check_versus_checkout,
     claim_queue,
     configure_environment,
     load_average,
@@ -282,18 +284,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="set in the workers' environment, e.g. LLMGINE_METRICS=false (repeatable)",
     )
-    parser.add_argument(
-        "--versus-checkout",
-        type=Path,
-        metavar="PATH",
-        help="compare this code's worker with the worker of the llmgine-celery checkout at PATH "
+    add_versus_checkout(
+        parser,
+        "compare this code's worker with the worker of the llmgine-celery checkout at PATH "
         "(e.g. a `git worktree` of an older commit) instead of with plain Celery",
     )
     args = parser.parse_args(argv)
-    if args.versus_checkout is not None:
-        args.versus_checkout = args.versus_checkout.resolve()
-        if not (args.versus_checkout / "llmgine_celery" / "__init__.py").is_file():
-            parser.error(f"--versus-checkout: no llmgine_celery package in {args.versus_checkout}")
+    check_versus_checkout(parser, args)
     pairs = [item.partition("=") for item in args.worker_env]
     if any(not name or not sep for name, sep, _ in pairs):
         parser.error("--worker-env takes NAME=VALUE")

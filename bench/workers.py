@@ -243,6 +243,19 @@ def vhost_url(base: str, vhost: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + vhost, "", ""))
 
 
+def add_versus_checkout(parser: argparse.ArgumentParser, help: str) -> None:
+    """The ``--versus-checkout PATH`` option: another llmgine-celery checkout's worker."""
+    parser.add_argument("--versus-checkout", type=Path, metavar="PATH", help=help)
+
+
+def check_versus_checkout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve ``--versus-checkout``; a folder without the package is a usage error."""
+    if args.versus_checkout is not None:
+        args.versus_checkout = args.versus_checkout.resolve()
+        if not (args.versus_checkout / "llmgine_celery" / "__init__.py").is_file():
+            parser.error(f"--versus-checkout: no llmgine_celery package in {args.versus_checkout}")
+
+
 def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
