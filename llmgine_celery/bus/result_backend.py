@@ -14,16 +14,16 @@
   script instead (``EVALSHA``): one command to pack, the value sent once, one
   reply to parse. Against a pipeline it saved a worker 2-5% of its CPU per
   command (``bench/worker_cost.py --versus-checkout``: medians 0.95x and
-  0.98x; the same code against itself measured 0.97x-1.04x per round). A
-  server that refuses scripts gets a pipeline (``result_store``), where each
-  worker thread writes on a connection of its own: against redis-py's pooled
-  client that took a threads worker's CPU per command to 0.85x-0.88x.
+  0.98x; the same code against itself measured 0.97x-1.04x per round). Each
+  worker thread sends it on a Redis connection of its own (``result_store``):
+  against redis-py's pooled client that took a threads worker's CPU per
+  command to 0.85x-0.88x. A server that refuses scripts gets a pipeline.
 * ``_get_result_meta`` looks up ``result_extended`` and converts the time zone
   on every call (19 us); with neither in use the meta is built directly (3 us).
 
 A command sent by ``execute()`` names its caller's reply channel in a header
 (``llmgine_reply_to``); its result is published there too, in the same script.
-The caller then subscribes once per process rather than once per command
+The caller then subscribes once per event loop rather than once per command
 (``bus.waiters``). Publishing on the task's own channel stays, for anyone who
 waits there (``AsyncResult.get()``, ``fetch_result`` from another process).
 """
