@@ -39,7 +39,7 @@ _IDLE_CHANNEL = b"llmgine.results.idle"
 CLIENT_NAME = "llmgine.results"
 #: seconds after which a call waiting on replies also reads its key, and how often:
 #: a result whose publish it missed (a worker that ignores the reply header, a
-#: dropped pub/sub connection) still arrives
+#: dropped pub/sub connection) still arrives, within two intervals
 SWEEP_INTERVAL = 1.0
 
 
@@ -130,6 +130,8 @@ class RedisResultWaiter:
         self._unsubscribe = _Batch(self._flush_unsubscribe, delay=0.05)
         self._confirmed = _Batch(self._flush_confirmed)
         self._reader: asyncio.Task[None] | None = None
+        #: reads the keys of calls waiting on replies for longer than SWEEP_INTERVAL
+        self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -145,8 +147,8 @@ class RedisResultWaiter:
         if not self._reply_asked:  # its confirmation reads what was stored meanwhile
             self._reply_asked = True
             self._subscribe.add(self._reply)
-            if not any(t.get_name() == "llmgine-sweep" for t in self._background):
-                self._spawn(self._sweep(), name="llmgine-sweep")
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     def fail(self, task_id: str, error: BaseException) -> None:
         future = self._pending.get(self._backend.get_key_for_task(task_id))
@@ -169,7 +171,7 @@ class RedisResultWaiter:
 
     async def aclose(self) -> None:
         self._closed = True
-        tasks = [*self._background, *([self._reader] if self._reader else [])]
+        tasks = [*self._background, *(t for t in (self._reader, self._sweeper) if t)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -298,8 +300,8 @@ class RedisResultWaiter:
             for key in [k for k, since in self._replied.items() if since <= due]:
                 self._confirmed.add(key)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._background.discard)
 
