@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,21 @@ async def wait_one(
         backend.forget(task_id)
 
 
+async def until(probe: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``probe`` (in a thread: it talks to Redis) until true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(probe):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def waiter_connections() -> list[dict[str, Any]]:
+    """The result waiters' connections, as Redis' CLIENT LIST shows them."""
+    with redis.Redis.from_url(REDIS_URL) as client:
+        return [c for c in client.client_list() if c["name"] == CLIENT_NAME]
+
+
 def store_quietly(backend: Any, task_id: str) -> None:
     """Store a result without publishing it anywhere (as an older worker's lost publish)."""
     with redis.Redis.from_url(REDIS_URL) as client:
@@ -60,12 +77,9 @@ def test_a_result_published_on_the_reply_channel_wakes_the_call(
 
     async def publish_reply(waiter: RedisResultWaiter, task_id: str) -> None:
         def listening() -> bool:
-            with redis.Redis.from_url(REDIS_URL) as client:
-                names = [c for c in client.client_list() if c["name"] == CLIENT_NAME]
-                return any(int(c["sub"]) == 2 for c in names)
+            return any(int(c["sub"]) == 2 for c in waiter_connections())
 
-        while not await asyncio.to_thread(listening):
-            await asyncio.sleep(0.02)
+        await until(listening, "the reply subscription")
         assert waiter.reply_to is not None
         with redis.Redis.from_url(REDIS_URL) as client:  # published, never stored
             assert client.publish(waiter.reply_to, backend.encode(meta(task_id))) == 1
@@ -93,13 +107,10 @@ def test_a_result_whose_publish_was_missed_is_found_by_the_sweep(
 
     async def store_later(waiter: RedisResultWaiter, task_id: str) -> None:
         def read_once() -> bool:  # the waiter's read after its subscription held
-            with redis.Redis.from_url(REDIS_URL) as client:
-                listed = client.client_list()
-            return any(c["name"] == CLIENT_NAME and c["cmd"] == "mget" for c in listed)
+            return any(c["cmd"] == "mget" for c in waiter_connections())
 
         async def later() -> None:
-            while not await asyncio.to_thread(read_once):
-                await asyncio.sleep(0.02)
+            await until(read_once, "the read after the subscription")
             store_quietly(backend, task_id)  # nothing will publish it or read it but the sweep
 
         asyncio.get_running_loop().create_task(later())
@@ -115,9 +126,10 @@ def test_a_call_not_sent_with_a_reply_channel_waits_on_the_tasks_own_channel(
 
     async def publish_on_key(waiter: RedisResultWaiter, task_id: str) -> None:
         key = backend.get_key_for_task(task_id)
-        with redis.Redis.from_url(REDIS_URL) as client:
-            while client.publish(key, backend.encode(meta(task_id))) == 0:
-                await asyncio.sleep(0.02)  # until the waiter listens there
+        with redis.Redis.from_url(REDIS_URL) as client:  # published once it has a listener
+            await until(
+                lambda: client.publish(key, backend.encode(meta(task_id))) > 0, "a listener"
+            )
 
     got, task_id = asyncio.run(wait_one(backend, publish_on_key, replied=False))
     assert got is not None and got["task_id"] == task_id

@@ -6,6 +6,7 @@ message is one event or a batch (``task.multi``) of them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,7 +19,13 @@ from kombu import Connection, Exchange, Queue
 from llmgine_celery import ApplicationConfig
 from tests.integration.apps import APP_NAME, IntegrationApp, WhereAmI
 from tests.integration.conftest import purge
-from tests.support import DEPLOYMENTS, RABBITMQ_URL, producer_settings, start_worker
+from tests.support import (
+    DEPLOYMENTS,
+    RABBITMQ_URL,
+    WorkerProcess,
+    producer_settings,
+    start_worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -77,18 +84,25 @@ def run_commands(app: IntegrationApp, n: int) -> list[str]:
     return [h.command_id for h in handles]
 
 
-def test_every_task_event_arrives_and_batches_carry_many(
-    producer: IntegrationApp, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def watched_worker(app_spec: str, log_dir: Path) -> Iterator[tuple[Monitor, WorkerProcess]]:
+    """A monitor of the test vhost's task events, and a worker of ``app_spec`` (stopped after)."""
     broker, backend = DEPLOYMENTS["rabbitmq"]
     with Connection(RABBITMQ_URL) as conn:
         monitor = Monitor(conn)
-        worker = start_worker("tests.integration.apps:celery", broker, backend, log_dir=tmp_path)
+        worker = start_worker(app_spec, broker, backend, log_dir=log_dir)
         try:
-            ids = run_commands(producer, 60)
-            assert monitor.wait_for_all(ids, timeout=20) == []
+            yield monitor, worker
         finally:
             worker.stop()
+
+
+def test_every_task_event_arrives_and_batches_carry_many(
+    producer: IntegrationApp, tmp_path: Path
+) -> None:
+    with watched_worker("tests.integration.apps:celery", tmp_path) as (monitor, _):
+        ids = run_commands(producer, 60)
+        assert monitor.wait_for_all(ids, timeout=20) == []
     ours = sum(len(monitor.events[i]) for i in ids)
     assert ours == 3 * len(ids)
     # one message per event or two is what an unbatched worker sends under load
@@ -98,15 +112,8 @@ def test_every_task_event_arrives_and_batches_carry_many(
 def test_events_still_buffered_at_shutdown_are_sent(
     producer: IntegrationApp, tmp_path: Path
 ) -> None:
-    broker, backend = DEPLOYMENTS["rabbitmq"]
-    with Connection(RABBITMQ_URL) as conn:
-        monitor = Monitor(conn)
-        worker = start_worker(
-            "tests.integration.linger_apps:celery", broker, backend, log_dir=tmp_path
-        )
-        try:
-            ids = run_commands(producer, 10)
-        finally:
-            worker.stop()  # within the 5 s the events linger
+    with watched_worker("tests.integration.linger_apps:celery", tmp_path) as (monitor, worker):
+        ids = run_commands(producer, 10)
+        worker.stop()  # within the 5 s the events linger
         assert worker.proc.returncode == 0
         assert monitor.wait_for_all(ids, timeout=10) == []
