@@ -171,12 +171,15 @@ class RedisResultWaiter:
 
     async def aclose(self) -> None:
         self._closed = True
-        tasks = [*self._background, *(t for t in (self._reader, self._sweeper) if t)]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Until none is left: one may start another before it sees the flag.
+        while tasks := [*self._background, *(t for t in (self._reader, self._sweeper) if t)]:
+            self._reader = self._sweeper = None
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._background.difference_update(tasks)
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
@@ -195,6 +198,8 @@ class RedisResultWaiter:
         try:
             if self._reader is None:
                 await self._pubsub.subscribe(_IDLE_CHANNEL, *keys)
+                if self._closed:  # closed meanwhile: no reader to outlive it
+                    return
                 self._reader = asyncio.get_running_loop().create_task(self._read())
             else:
                 await self._pubsub.subscribe(*keys)
@@ -236,12 +241,14 @@ class RedisResultWaiter:
     # -- reading -------------------------------------------------------------
 
     async def _read(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._closed:  # its connection was closed under it
+                    return
                 logger.exception("result subscription failed; resubscribing")
                 await asyncio.sleep(0.1)
                 own = [k for k in self._pending if k not in self._replied]

@@ -133,3 +133,24 @@ def test_a_call_not_sent_with_a_reply_channel_waits_on_the_tasks_own_channel(
 
     got, task_id = asyncio.run(wait_one(backend, publish_on_key, replied=False))
     assert got is not None and got["task_id"] == task_id
+
+
+def test_closing_while_the_subscription_is_in_flight_leaves_no_reader(backend: Any) -> None:
+    # A call can fail before the waiter's first SUBSCRIBE is answered (the broker
+    # refused the command, say) and the caller close the bus at once: nothing of
+    # the waiter may outlive that, at whatever step the subscription was.
+    async def close_after(steps: int) -> None:
+        waiter = RedisResultWaiter(REDIS_URL, backend)
+        waiter.expect(f"waiter-test-{uuid.uuid4()}", replied=True)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await waiter.aclose()
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not left, f"after {steps} steps: {left}"
+
+    async def every_step() -> None:
+        for steps in range(12):
+            await close_after(steps)
+        await until(lambda: not waiter_connections(), "the waiters' connections to close")
+
+    asyncio.run(every_step())
