@@ -4,7 +4,9 @@ kombu's ``confirm_publish`` waits for the broker after every message (one
 round trip each). Here the publisher thread publishes a whole batch on a
 confirm-mode channel and then drains the broker's acks once; each publish gets
 a confirmation that raises if the broker refused (nacked) its message or the
-connection was lost before it was acknowledged.
+connection was lost before it was acknowledged. Events are published on it
+directly (``publish``); commands through Celery's own task publisher, given a
+kombu producer on the same channel (``publish_with``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import amqp
 from kombu.entity import Exchange
+from kombu.messaging import Producer
 from kombu.utils.json import dumps
 
 from llmgine_celery.bus.publisher import Confirmation
+from llmgine_celery.observability.process import current_pid
 
 #: seconds a batch waits for its acks
 CONFIRM_TIMEOUT = 30.0
@@ -37,6 +41,9 @@ class ConfirmChannel:
         self._exchange = exchange
         self._conn: Any = None
         self._channel: Any = None
+        self._producer: Producer | None = None
+        #: the process that opened the channel: a forked child opens its own
+        self._pid = 0
         self._generation = 0
         self._published = 0
         self._acked_upto = 0
@@ -61,6 +68,26 @@ class ConfirmChannel:
         except BaseException:
             self._reset()
             raise
+        return self._sent()
+
+    def publish_with(self, send: Callable[[Producer], None]) -> Confirmation:
+        """Call ``send`` with a producer on the confirm channel; it publishes one message.
+
+        The returned call waits for that message's ack. ``send`` must not
+        retry on another channel: a failed publish resets the connection and
+        raises, as ``publish`` does.
+        """
+        self._open()
+        assert self._producer is not None
+        try:
+            send(self._producer)
+        except BaseException:
+            self._reset()
+            raise
+        return self._sent()
+
+    def _sent(self) -> Confirmation:
+        # the broker numbers the messages of a confirm-mode channel from 1
         self._published += 1
         return functools.partial(self._wait, self._generation, self._published)
 
@@ -69,6 +96,8 @@ class ConfirmChannel:
         self._reset()
 
     def _open(self) -> Any:
+        if self._channel is not None and self._pid != current_pid():
+            self._forget()  # a forked child shares its parent's socket: never close it
         if self._channel is None:
             conn = self._connect()
             conn.ensure_connection(max_retries=1)
@@ -79,7 +108,8 @@ class ConfirmChannel:
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
-            self._conn, self._channel = conn, channel
+            self._conn, self._channel, self._pid = conn, channel, current_pid()
+            self._producer = Producer(channel, auto_declare=False)
         return self._channel
 
     def _wait(self, generation: int, tag: int) -> None:
@@ -123,10 +153,15 @@ class ConfirmChannel:
             self._nacked.add(delivery_tag)
 
     def _reset(self) -> None:
-        conn, self._conn, self._channel = self._conn, None, None
-        self._generation += 1
-        self._published = self._acked_upto = self._nacked_upto = 0
-        self._acked, self._nacked = set(), set()
+        conn = self._forget()
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken: nothing to release
                 conn.close()
+
+    def _forget(self) -> Any:
+        """Drop the connection and what was pending on it (waits then fail); return it."""
+        conn, self._conn, self._channel, self._producer = self._conn, None, None, None
+        self._generation += 1
+        self._published = self._acked_upto = self._nacked_upto = 0
+        self._acked, self._nacked = set(), set()
+        return conn

@@ -117,7 +117,7 @@ class MessageBus:
         self._transport = transport_of(settings.broker())
         self._publisher = BatchPublisher(celery.producer_or_acquire)
         self._sender = CommandSender(celery, registry)
-        #: batched publisher confirms for events, on RabbitMQ
+        #: batched publisher confirms for commands and events, on RabbitMQ
         self._confirms = (
             ConfirmChannel(celery.connection_for_write, events_exchange(self._transport))
             if self._transport == "amqp"
@@ -164,15 +164,23 @@ class MessageBus:
     def send(self, command: Command) -> CommandHandle:
         """Only enqueue ``command``; the handle fetches its result later.
 
-        When no worker can have a handler (the embedded default, with none
-        registered here), nothing is sent and the handle holds the failure.
+        On RabbitMQ it returns once the broker confirmed the message; one it
+        refused raises ``BrokerUnavailableError``. When no worker can have a
+        handler (the embedded default, with none registered here), nothing is
+        sent and the handle holds the failure.
         """
         envelope = encode(command)
         missing = self._missing_handler(command)
         if missing is None:
             correlation = outgoing_headers()
             with self._span(*_command_span(command, envelope, correlation)) as trace:
-                self._send(command, envelope, correlation={**correlation, **trace})
+                send = functools.partial(
+                    self._send, command, envelope, correlation={**correlation, **trace}
+                )
+                if self._confirms is None:
+                    send()
+                else:  # the confirm channel is the publisher thread's: returns once confirmed
+                    self._publisher.submit_sync(send)
         return CommandHandle(command.id, envelope["type"], self, ready=missing)
 
     async def fetch_result(
@@ -269,9 +277,22 @@ class MessageBus:
         producer: Any = None,
         correlation: dict[str, Any] | None = None,
         reply_to: str | None = None,
-    ) -> None:
+    ) -> Confirmation | None:
         with self._broker_errors():
-            self._sender.send(command, envelope, producer, correlation, reply_to)
+            if self._confirms is None:
+                self._sender.send(command, envelope, producer, correlation, reply_to)
+                return None
+            # on RabbitMQ, through Celery's publisher on the confirm channel
+            send = functools.partial(
+                self._sender.send,
+                command,
+                envelope,
+                correlation=correlation,
+                reply_to=reply_to,
+                retry=False,
+            )
+            confirm = self._confirms.publish_with(send)
+        return functools.partial(self._confirmed, confirm)
 
     def _publish(
         self, envelope: Envelope, headers: dict[str, Any], producer: Any = None

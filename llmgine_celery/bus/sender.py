@@ -138,11 +138,14 @@ class TaskSender:
         headers: dict[str, Any] | None = None,
         ignore_result: bool = False,
         producer: Any = None,
+        retry: bool = True,
     ) -> None:
         """Publish task ``name`` with the envelope as its one argument.
 
         ``ignore_result`` travels in the message and overrides the task's own
         setting in the worker, so it must be given for tasks without results.
+        ``retry=False``: a failed publish raises at once, not retried on a
+        revived connection (a confirm-mode producer must not move channels).
         """
         celery = self._celery
         key = (name, queue)
@@ -163,6 +166,8 @@ class TaskSender:
             try:  # first without kombu's retry wrapper, which costs a closure per publish
                 send(pooled, name, message, headers=headers, retry=False, **options)
             except _recoverable(pooled):  # then as Celery would: reconnect and retry
+                if not retry:
+                    raise
                 send(pooled, name, message, headers=headers, **options)
         if first:
             with self._lock:  # later sends skip declaring the queue
@@ -192,12 +197,14 @@ class CommandSender:
         producer: Any = None,
         correlation: dict[str, Any] | None = None,
         reply_to: str | None = None,
+        retry: bool = True,
     ) -> None:
         """Publish ``command`` to its route's queue (default ``llmgine.commands``).
 
         ``correlation`` holds the trace headers, taken where the command was
         issued (this may run on the publisher thread, outside that context).
-        ``reply_to`` names the Redis channel the caller waits on.
+        ``reply_to`` names the Redis channel the caller waits on; ``retry`` is
+        ``TaskSender.send``'s.
         """
         route = self._registry.command_route(type(command))
         # its id is the task's id and its type in the task's name: not repeated here
@@ -213,6 +220,7 @@ class CommandSender:
             queue=route.queue if route else None,
             headers=headers,
             producer=producer,
+            retry=retry,
         )
 
 
