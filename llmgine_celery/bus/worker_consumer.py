@@ -9,6 +9,15 @@ worker sends its events in a few batches per second; the dispatcher still
 flushes as soon as its buffer holds ``buffer_limit`` events. Monitors see
 events up to ``EVENTS_LINGER`` late. Events still buffered when the consumer
 shuts down are flushed first.
+
+With the solo pool a task runs on the hub's own thread, and the ack of a
+message read by a callback the hub queued for itself (kombu's reader goes on
+that way while data is waiting) is queued for the next turn too. kombu's hub
+then polls for up to its next timer before that turn (a callback queued on its
+own thread does not wake it), and with late acks and a prefetch of one the
+broker sends nothing until the ack: ~10 tasks/s with the events' timer, a task
+a second without it. For the solo pool the consumer wakes the poll when a turn
+leaves callbacks waiting (the same wake-up another thread's callback makes).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.worker.consumer import Consumer
 
 #: seconds buffered task events wait for others before they are published
@@ -36,6 +46,19 @@ class LLMgineConsumer(Consumer):
         self._flush_lock = threading.Lock()
         #: when the pending flush was asked for (0: none pending)
         self._flush_asked = 0.0
+
+    def register_with_event_loop(self, hub: Any) -> None:
+        super().register_with_event_loop(hub)
+        if isinstance(self.pool, SoloPool):  # the set keeps one per reconnection
+            hub.on_tick.add(self._wake_for_waiting_callbacks)
+
+    def _wake_for_waiting_callbacks(self) -> None:
+        # Runs before every poll. kombu keeps no public way to ask this; without
+        # its private attributes the hub behaves as it always did.
+        hub = self.hub
+        waker = getattr(hub, "_waker", None)
+        if getattr(hub, "_ready", None) and waker is not None:
+            waker.wake()
 
     def on_send_event_buffered(self) -> None:
         # Called on the hub's thread and on pool threads: the hub's timer is the
