@@ -27,7 +27,9 @@ from llmgine_celery import (
     CommandResult,
     Event,
     LogLevel,
+    Settings,
 )
+from llmgine_celery.bus import topology
 from llmgine_celery.messages.envelope import dump
 
 APP_NAME = "itest"
@@ -182,6 +184,21 @@ class IntegrationApp(ApplicationBootstrap):
 
     def special(self, command: Special) -> dict[str, Any]:
         return {**where(), "n": command.n}
+
+
+def producer(
+    broker: str, backend: str, data_dir: Any, celery_config: str | None = None
+) -> IntegrationApp:
+    """A test's own instance of the application, to send with: queues declared, commands purged."""
+    settings = Settings(
+        broker_url=broker, result_backend=backend, embedded_worker=False, data_dir=data_dir,
+        celery_config=celery_config,
+    )  # fmt: skip
+    made = IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings))
+    made.declare()
+    with made.celery.connection_for_write() as conn:
+        conn.default_channel.queue_purge(topology.COMMAND_QUEUE)
+    return made
 
 
 app = IntegrationApp(ApplicationConfig(name=APP_NAME))

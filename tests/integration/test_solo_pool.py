@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmgine_celery import ApplicationConfig, Settings
-from llmgine_celery.bus import topology
-from tests.integration.apps import APP_NAME, IntegrationApp, WhereAmI
+from tests.integration.apps import WhereAmI, producer
 from tests.support import DEPLOYMENTS, ensure_test_vhost, require_service, start_worker
 
 pytestmark = pytest.mark.integration
@@ -32,14 +30,7 @@ def test_a_solo_worker_works_through_a_backlog(tmp_path: Path) -> None:
     broker, backend = DEPLOYMENTS["rabbitmq"]
     require_service(broker)
     ensure_test_vhost()
-    settings = Settings(
-        broker_url=broker, result_backend=backend, embedded_worker=False, data_dir=tmp_path,
-        celery_config=CONFIG,
-    )  # fmt: skip
-    app = IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings))
-    app.declare()
-    with app.celery.connection_for_write() as conn:
-        conn.default_channel.queue_purge(topology.COMMAND_QUEUE)
+    app = producer(broker, backend, tmp_path, CONFIG)
     handles = [app.message_bus.send(WhereAmI(tag=f"solo {i}")) for i in range(CALLS)]
     worker = start_worker(
         "tests.integration.apps:celery", broker, backend, pool="solo", concurrency=1,

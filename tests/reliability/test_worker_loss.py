@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from llmgine_celery import ApplicationConfig, Settings
-from llmgine_celery.bus import topology
-from tests.integration.apps import APP_NAME, RECORDER_URL, IntegrationApp, Marked
+from tests.integration.apps import RECORDER_URL, Marked, producer
 from tests.support import DEPLOYMENTS, ensure_test_vhost, require_service, start_worker
 
 pytestmark = pytest.mark.reliability
@@ -39,14 +37,7 @@ def test_a_command_whose_worker_dies_runs_again_on_another(
     require_service(broker)
     if broker_name == "rabbitmq":
         ensure_test_vhost()
-    settings = Settings(
-        broker_url=broker, result_backend=backend, embedded_worker=False, data_dir=tmp_path,
-        celery_config=CONFIG,
-    )  # fmt: skip
-    app = IntegrationApp(ApplicationConfig(name=APP_NAME, settings=settings))
-    app.declare()
-    with app.celery.connection_for_write() as conn:
-        conn.default_channel.queue_purge(topology.COMMAND_QUEUE)
+    app = producer(broker, backend, tmp_path, CONFIG)
     env = {"LLMGINE_CELERY_CONFIG": CONFIG}
     first = start_worker(
         "tests.integration.apps:celery", broker, backend, pool="threads", log_dir=tmp_path, env=env
