@@ -58,23 +58,31 @@ def broker_and_pool_id(param: tuple[str, str]) -> str:
     return f"{param[0]}-{param[1]}"
 
 
+def rabbitmqctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``rabbitmqctl -q *args`` on this machine; fail the test if it fails (``check``)."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.fail(f"rabbitmqctl not found: create vhost {TEST_VHOST!r} or set TEST_RABBITMQ_URL")
+    done = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=60)
+    if check and done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr}")
+    return done
+
+
 def ensure_test_vhost() -> None:
     """Create the tests' RabbitMQ vhost with rabbitmqctl, when it is missing."""
     if "TEST_RABBITMQ_URL" in os.environ:
         return
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        pytest.fail(f"rabbitmqctl not found: create vhost {TEST_VHOST!r} or set TEST_RABBITMQ_URL")
-    listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
-    if TEST_VHOST in listed.stdout.split():
+    if TEST_VHOST in rabbitmqctl("list_vhosts", check=False).stdout.split():
         return
-    for args in (
-        ["add_vhost", TEST_VHOST],
-        ["set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*"],
-    ):
-        done = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr}")
+    rabbitmqctl("add_vhost", TEST_VHOST)
+    rabbitmqctl("set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*")
+
+
+def message_count(app: ApplicationBootstrap, queue: str) -> int:
+    """How many messages RabbitMQ holds in ``queue`` (declared passively)."""
+    with app.celery.connection_for_write() as conn:
+        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
 
 
 def execute_once(app: ApplicationBootstrap, command: Command, timeout: float) -> CommandResult:

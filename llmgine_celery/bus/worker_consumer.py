@@ -15,8 +15,8 @@ message read by a callback the hub queued for itself (kombu's reader goes on
 that way while data is waiting) is queued for the next turn too. kombu's hub
 then polls for up to its next timer before that turn (a callback queued on its
 own thread does not wake it), and with late acks and a prefetch of one the
-broker sends nothing until the ack: ~10 tasks/s with the events' timer, a task
-a second without it. For the solo pool the consumer wakes the poll when a turn
+broker sends nothing until the ack: ~10 tasks/s with the events' timer, stalls
+of tens of seconds without it. For the solo pool the consumer wakes the poll when a turn
 leaves callbacks waiting (the same wake-up another thread's callback makes).
 """
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +20,15 @@ from llmgine_celery import (
     Command,
     Settings,
 )
-from tests.support import RABBITMQ_URL, REDIS_URL, TEST_VHOST, ensure_test_vhost, require_service
+from tests.support import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    TEST_VHOST,
+    ensure_test_vhost,
+    message_count,
+    rabbitmqctl,
+    require_service,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,19 +64,6 @@ class Pinger(ApplicationBootstrap):
 
     def echo(self, command: Ping | Pong) -> str:
         return command.text
-
-
-def rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl")
-    assert ctl is not None  # ensure_test_vhost found it
-    done = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr}")
-
-
-def message_count(app: Pinger, name: str) -> int:
-    with app.celery.connection_for_write() as conn:
-        return int(conn.default_channel.queue_declare(name, passive=True).message_count)
 
 
 def delete_queues(app: Pinger) -> None:

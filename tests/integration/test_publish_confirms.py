@@ -13,7 +13,13 @@ from llmgine_celery import ApplicationConfig, BrokerUnavailableError, Settings
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.events import events_exchange, group_queue
 from tests.integration.event_apps import Alpha, Said
-from tests.support import RABBITMQ_URL, REDIS_URL, ensure_test_vhost, require_service
+from tests.support import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    ensure_test_vhost,
+    message_count,
+    require_service,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +51,6 @@ def listener(app: Alpha, name: str, **arguments: object) -> Queue:
         queue(conn.default_channel).declare()
         conn.default_channel.queue_purge(name)
     return queue
-
-
-def message_count(app: Alpha, name: str) -> int:
-    with app.celery.connection_for_write() as conn:
-        return int(conn.default_channel.queue_declare(name, passive=True).message_count)
 
 
 def delete(app: Alpha, queue: Queue) -> None:
