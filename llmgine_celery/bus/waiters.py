@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.results import READY_STATES
+from llmgine_celery.observability.process import current_pid
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,20 @@ Meta = dict[str, Any]
 
 #: a standing subscription keeps the connection in pub/sub mode between calls
 _IDLE_CHANNEL = b"llmgine.results.idle"
-#: the name a waiter's connections have in Redis' CLIENT LIST
+#: what the names of a waiter's connections in Redis' CLIENT LIST start with
 CLIENT_NAME = "llmgine.results"
 #: seconds after which a call waiting on replies also reads its key, and how often:
 #: a result whose publish it missed (a worker that ignores the reply header, a
 #: dropped pub/sub connection) still arrives, within two intervals
 SWEEP_INTERVAL = 1.0
+
+
+def client_name(pid: int | None = None) -> str:
+    """The name of this process's (or ``pid``'s) waiter connections: ``llmgine.results.<pid>``.
+
+    An operator reading ``CLIENT LIST`` sees which process holds them.
+    """
+    return f"{CLIENT_NAME}.{current_pid() if pid is None else pid}"
 
 
 class ResultWaiter(Protocol):
@@ -115,7 +124,7 @@ class RedisResultWaiter:
 
     def __init__(self, url: str, backend: CeleryBackend) -> None:
         self._backend = backend
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url, client_name=CLIENT_NAME)
+        self._client: aioredis.Redis = aioredis.Redis.from_url(url, client_name=client_name())
         self._pubsub = self._client.pubsub()
         self._pending: dict[bytes, asyncio.Future[Meta]] = {}
         self.reply_to: str | None = topology.reply_channel(uuid.uuid4().hex)

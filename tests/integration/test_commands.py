@@ -18,7 +18,7 @@ from kombu import Connection, Producer
 
 from llmgine_celery import CommandResult, MessageValidationError
 from llmgine_celery.bus import topology
-from llmgine_celery.bus.waiters import CLIENT_NAME
+from llmgine_celery.bus.waiters import client_name
 from llmgine_celery.messages.envelope import load
 from tests.integration.apps import (
     AsyncWhereAmI,
@@ -252,10 +252,10 @@ def test_the_worker_consumes_its_event_group_queue(deployment: Deployment) -> No
 
 
 def waiter_subscriptions(url: str) -> list[int]:
-    """Channels each subscribed result-waiter connection listens to (Redis' CLIENT LIST)."""
+    """Channels each subscribed result-waiter connection of this process listens to."""
     with redis.Redis.from_url(url) as client:
         listed = client.client_list()
-    return [int(c["sub"]) for c in listed if c["name"] == CLIENT_NAME and int(c["sub"]) > 0]
+    return [int(c["sub"]) for c in listed if c["name"] == client_name() and int(c["sub"]) > 0]
 
 
 def test_concurrent_executes_wait_on_one_reply_channel_not_one_channel_each(

@@ -14,7 +14,7 @@ import redis
 
 from llmgine_celery import ApplicationConfig, Settings
 from llmgine_celery.bus import waiters
-from llmgine_celery.bus.waiters import CLIENT_NAME, RedisResultWaiter
+from llmgine_celery.bus.waiters import RedisResultWaiter, client_name
 from tests.integration.apps import APP_NAME, IntegrationApp
 from tests.support import REDIS_URL, require_service
 
@@ -59,9 +59,9 @@ async def until(probe: Callable[[], bool], what: str, timeout: float = 10.0) -> 
 
 
 def waiter_connections() -> list[dict[str, Any]]:
-    """The result waiters' connections, as Redis' CLIENT LIST shows them."""
+    """This process's result-waiter connections, as Redis' CLIENT LIST shows them."""
     with redis.Redis.from_url(REDIS_URL) as client:
-        return [c for c in client.client_list() if c["name"] == CLIENT_NAME]
+        return [c for c in client.client_list() if c["name"] == client_name()]
 
 
 def store_quietly(backend: Any, task_id: str) -> None:
