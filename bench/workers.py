@@ -45,22 +45,51 @@ def host_busy_seconds() -> float:
     return sum(int(t) for t in (user, nice, system, irq, softirq)) / CLOCK_TICKS
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds used so far by process ``root`` and its descendants (prefork pool)."""
-    stats: dict[int, tuple[int, float]] = {}
+def process_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds used so far by the processes ``pids`` (those that still run)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _proc_stat(pid)[1]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
+def processes_named(name: str) -> list[int]:
+    """The pids of the processes whose command name (``/proc/<pid>/comm``) is ``name``."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stats[int(entry.name)] = _proc_stat(int(entry.name))
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def process_tree(root: int) -> list[int]:
+    """Process ``root`` and its descendants (a prefork pool's children), as running now."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = _proc_stat(int(entry.name))[0]
             except (OSError, ValueError):
                 continue  # exited meanwhile
-    tree, frontier = {root}, [root]
+    tree, frontier = [root], [root]
     while frontier:
         parent = frontier.pop()
-        children = [pid for pid, (ppid, _) in stats.items() if ppid == parent]
-        tree.update(children)
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.extend(children)
         frontier.extend(children)
-    return sum(stats[pid][1] for pid in tree if pid in stats)
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and its descendants (prefork pool)."""
+    return process_cpu_seconds(process_tree(root))
 
 
 # -- workers -----------------------------------------------------------------
