@@ -33,15 +33,15 @@ if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the rep
 
 from bench.workers import (
     BenchError,
-    configure_environment,
+    add_worker_options,
     log,
     prepare_queues,
     process_cpu_seconds,
     process_tree,
     processes_named,
+    run_main,
     running_workers,
 )
-from llmgine_celery.errors import LLMgineError
 
 LLMGINE_APP = "bench.apps.llmgine_echo"
 #: seconds between two CPU readings
@@ -145,10 +145,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
-    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--concurrency", type=int, default=8, help="worker threads/processes")
-    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    add_worker_options(parser)
     parser.add_argument("--n", type=int, default=1000, help="concurrent calls per burst")
     parser.add_argument("--bursts", type=int, default=6)
     parser.add_argument("--payload-bytes", type=int, default=1024)
@@ -162,15 +159,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_environment(args)
-    try:
-        lines = run(args)
-    except (BenchError, LLMgineError) as exc:
-        log(f"benchmark failed: {exc}")
-        return 1
-    print("\n".join(lines))
-    return 0
+    return run_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

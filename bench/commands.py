@@ -43,13 +43,13 @@ from bench.report import Sample, header, latency_table, throughput_table
 from bench.workers import (
     BenchError,
     Worker,
-    configure_environment,
+    add_worker_options,
     load_average,
     log,
     prepare_queues,
+    run_main,
     running_workers,
 )
-from llmgine_celery.errors import LLMgineError
 
 LLMGINE_APP = "bench.apps.llmgine_echo"
 PLAIN_APP = "bench.apps.plain_echo"
@@ -218,10 +218,7 @@ def _phase(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
-    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--concurrency", type=int, default=8, help="worker threads/processes")
-    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    add_worker_options(parser)
     parser.add_argument("--workers", type=int, default=1, help="worker processes per side")
     parser.add_argument("--n", type=int, default=1000, help="concurrent calls per throughput run")
     parser.add_argument("--seq-n", type=int, default=300, help="calls per latency run")
@@ -305,15 +302,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_environment(args)
-    try:
-        report = run(args)
-    except (BenchError, LLMgineError) as exc:
-        log(f"benchmark failed: {exc}")
-        return 1
-    print("\n".join(report))
-    return 0
+    return run_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

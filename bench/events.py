@@ -58,6 +58,7 @@ from bench.report import Sample, measure, rate, rate_rows, ratio_line
 from bench.workers import (
     BenchError,
     Worker,
+    add_worker_options,
     configure_environment,
     load_average,
     log,
@@ -287,13 +288,10 @@ def report(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
-    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
+    add_worker_options(parser, threads_help="threads of each worker")
     parser.add_argument("--events", type=int, default=10_000, help="events per end-to-end run")
     parser.add_argument("--publish-n", type=int, default=10_000, help="events per publish run")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=8, help="threads of each worker")
-    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
     parser.add_argument("--in-flight", type=int, default=500, help="llmgine publishes at once")
     parser.add_argument("--payload-bytes", type=int, default=1024)
     parser.add_argument("--raw-queues", type=int, default=3, help="queues of the raw fanout")

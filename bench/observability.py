@@ -42,6 +42,7 @@ from bench.workers import (
     BenchError,
     Worker,
     add_versus_checkout,
+    add_worker_options,
     check_versus_checkout,
     load_average,
     log,
@@ -123,10 +124,7 @@ def count_results(folder: Path) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
-    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    add_worker_options(parser)
     parser.add_argument("--n", type=int, default=1000)
     # single rounds of one side differ by up to 40% on a shared 2-core machine:
     # fewer rounds move the ratio of medians by several points from run to run

@@ -41,18 +41,18 @@ from bench.workers import (
     BenchError,
     Worker,
     add_versus_checkout,
+    add_worker_options,
     check_versus_checkout,
     claim_queue,
-    configure_environment,
     load_average,
     log,
+    run_main,
     start_worker,
     stop_all,
     vhost_url,
     wait_ready,
 )
 from llmgine_celery import ApplicationConfig, Settings
-from llmgine_celery.errors import LLMgineError
 from llmgine_celery.settings import redact_url
 
 LLMGINE_APP = "bench.apps.llmgine_echo"
@@ -271,10 +271,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
-    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--concurrency", type=int, default=8, help="worker threads/processes")
-    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    add_worker_options(parser)
     parser.add_argument("--n", type=int, default=8000, help="commands queued per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -301,15 +298,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_environment(args)
-    try:
-        lines = run(args)
-    except (BenchError, LLMgineError) as exc:
-        log(f"benchmark failed: {exc}")
-        return 1
-    print("\n".join(lines))
-    return 0
+    return run_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

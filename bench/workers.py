@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
+
+from llmgine_celery.errors import LLMgineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: seconds a worker may take to answer a ping after it is started
@@ -287,6 +289,28 @@ def check_versus_checkout(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def add_worker_options(parser: argparse.ArgumentParser, threads_help: str | None = None) -> None:
+    """``--broker``, ``--backend``, ``--concurrency`` and ``--pool``: what every benchmark takes."""
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help=threads_help or "worker threads/processes"
+    )
+    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+
+
+def run_main(args: argparse.Namespace, run: Callable[[argparse.Namespace], list[str]]) -> int:
+    """Run a benchmark in the environment ``args`` set; print its lines, or why it failed (1)."""
+    configure_environment(args)
+    try:
+        lines = run(args)
+    except (BenchError, LLMgineError) as exc:
+        log(f"benchmark failed: {exc}")
+        return 1
+    print("\n".join(lines))
+    return 0
 
 
 def configure_environment(args: argparse.Namespace) -> None:
