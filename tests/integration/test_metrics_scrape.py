@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -49,6 +50,8 @@ pytestmark = pytest.mark.integration
 
 SUCCEEDING, FAILING, PINGS, BROKEN = 5, 3, 4, 2
 HOST = socket.gethostname()
+#: seconds every handler run, dead letter and task end may take to be counted
+SETTLE_TIMEOUT = 60.0
 
 
 def scrape(url: str) -> list[Sample]:
@@ -144,20 +147,31 @@ async def traffic(app: MetricsApp) -> list[Any]:
 def test_a_worker_serves_what_it_and_the_producer_counted(served: Served) -> None:
     results = asyncio.run(traffic(served.app))
     assert [r.success for r in results] == [True] * SUCCEEDING + [False] * FAILING
+    # The processes write their series one after another, so a scrape can fall
+    # between two of them (a counter updated, its histogram not yet): scrape
+    # until every figure holds, and show the last scrape's first miss if none did.
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        samples = scrape_once_served(served.url)
+        try:
+            assert samples is not None, "the worker's metrics server is not answering"
+            check_counted(samples)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert listening_address(served.port) == "127.0.0.1"
+
+
+def check_counted(samples: list[Sample]) -> None:
+    """What the traffic of ``traffic`` must have counted, worker and producer alike."""
     succeed = topology.command_task_name("Succeed")
     explode = topology.command_task_name("Explode")
-
-    def settled() -> list[Sample] | None:
-        samples = scrape_once_served(served.url)
-        if samples is None:
-            return None
-        handled = total(samples, "llmgine_event_handler_total", event_type="Pinged")
-        dead = total(samples, "llmgine_dead_letter_total")
-        # a task's run is counted before it ends: the active gauge drops last
-        idle = total(samples, "celery_worker_tasks_active", hostname=HOST) == 0.0
-        return samples if handled == PINGS and dead == BROKEN and idle else None
-
-    samples = wait_for(settled, timeout=60, what="every handler run, dead letter and task end")
+    assert total(samples, "llmgine_event_handler_total", event_type="Pinged") == PINGS
+    assert total(samples, "llmgine_dead_letter_total") == BROKEN
+    # a task's run is counted before it ends: the active gauge drops last
+    assert total(samples, "celery_worker_tasks_active", hostname=HOST) == 0.0
     # celery-exporter's series, labelled as its dashboards expect
     for name in ("received", "started", "succeeded"):
         assert total(samples, f"celery_task_{name}_total", name=succeed) == SUCCEEDING, name
@@ -185,7 +199,6 @@ def test_a_worker_serves_what_it_and_the_producer_counted(served: Served) -> Non
     for outcome in ("retried", "failed"):
         runs = total(samples, "llmgine_event_handler_total", event_type="Broken", outcome=outcome)
         assert runs == BROKEN, outcome
-    assert listening_address(served.port) == "127.0.0.1"
 
 
 def test_a_stopped_worker_leaves_worker_up_0_in_the_folder(served: Served) -> None:
