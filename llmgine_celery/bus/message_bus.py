@@ -7,7 +7,8 @@ import contextlib
 import functools
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,21 @@ from llmgine_celery.settings import Settings, redact_url
 
 if TYPE_CHECKING:
     from celery import Celery
+
+
+@dataclass(frozen=True)
+class _BrokerConfirmation:
+    """A confirmation whose broker trouble comes out as ``BrokerUnavailableError``."""
+
+    confirm: Confirmation
+    broker_errors: Callable[[], AbstractContextManager[None]]
+
+    def settled(self) -> bool:
+        return self.confirm.settled()
+
+    def __call__(self) -> None:
+        with self.broker_errors():
+            self.confirm()
 
 
 def _fail_wait(waiter: ResultWaiter, task_id: str, error: BaseException | None) -> None:
@@ -115,14 +131,14 @@ class MessageBus:
         #: True when the only worker is in this process (embedded default)
         self._local_only = local_only
         self._transport = transport_of(settings.broker())
-        self._publisher = BatchPublisher(celery.producer_or_acquire)
-        self._sender = CommandSender(celery, registry)
         #: batched publisher confirms for commands and events, on RabbitMQ
         self._confirms = (
             ConfirmChannel(celery.connection_for_write, events_exchange(self._transport))
             if self._transport == "amqp"
             else None
         )
+        self._publisher = BatchPublisher(celery.producer_or_acquire, acks=self._confirms)
+        self._sender = CommandSender(celery, registry)
         self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
             weakref.WeakKeyDictionary()
         )
@@ -217,8 +233,8 @@ class MessageBus:
     async def publish(self, event: Event) -> None:
         """Publish ``event`` to every subscriber group; returns once the broker has it.
 
-        On RabbitMQ "has it" means confirmed: concurrent publishes share one
-        confirmation round trip per batch.
+        On RabbitMQ "has it" means confirmed: concurrent publishes wait for
+        their confirmations at the same time, not one after another.
         """
         envelope = encode(event)
         correlation = outgoing_headers()
@@ -292,7 +308,7 @@ class MessageBus:
                 retry=False,
             )
             confirm = self._confirms.publish_with(send)
-        return functools.partial(self._confirmed, confirm)
+        return _BrokerConfirmation(confirm, self._broker_errors)
 
     def _publish(
         self, envelope: Envelope, headers: dict[str, Any], producer: Any = None
@@ -303,7 +319,7 @@ class MessageBus:
                 publish_event(self.celery, self._transport, envelope, producer, headers)
                 return None
             confirm = self._confirms.publish(envelope, headers, topology.EVENTS_ROUTING_KEY)
-        return functools.partial(self._confirmed, confirm)
+        return _BrokerConfirmation(confirm, self._broker_errors)
 
     def _published(self, envelope: Envelope, headers: dict[str, Any]) -> None:
         if self._obs is not None:
@@ -320,10 +336,6 @@ class MessageBus:
             }
             self._obs.emit(Record(LogLevel.WARNING, records.COMMAND_TIMED_OUT, fields))
         return results.timed_out(command_id, command_type, waited)
-
-    def _confirmed(self, confirm: Confirmation) -> None:
-        with self._broker_errors():
-            confirm()
 
     @contextlib.contextmanager
     def _broker_errors(self) -> Iterator[None]:

@@ -2,16 +2,22 @@
 
 ``await execute()`` must neither block the event loop with socket I/O nor hold
 a thread per pending call. Callers enqueue a send; the thread takes every
-queued send at once, publishes them over one pooled producer, then waits for
-the broker's confirmations of the whole batch (a send may return a
-confirmation to wait for), and tells each caller with one wake-up per event
-loop.
+queued send at once, publishes them over one pooled producer, and tells each
+caller with one wake-up per event loop.
+
+A send may return a confirmation: the broker's answer to come. With an
+``AckSource`` (RabbitMQ's publisher confirms) the thread does not wait for the
+answers of one batch before publishing the next: while confirmations are
+pending it waits for either the broker's next frames or a new send (a pipe
+wakes it), and tells each caller once its own answer is in. So a call sent
+right after another is not held up by the first one's confirmation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import os
 import threading
@@ -19,10 +25,30 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-#: waits until the broker confirmed what a send published; raises if it refused
-Confirmation = Callable[[], None]
+#: seconds the thread waits for the broker's frames before it looks again at
+#: what is pending (a confirmation past its deadline is settled: it fails)
+ACK_WAIT = 1.0
+
+
+class Confirmation(Protocol):
+    """The broker's answer to what a send published."""
+
+    def settled(self) -> bool:
+        """Whether the answer is in (or can no longer come): calling returns at once."""
+
+    def __call__(self) -> None:
+        """Wait for the answer; raise if the broker refused the message or it was lost."""
+
+
+class AckSource(Protocol):
+    """Where the answers of confirmations come from (a confirm-mode channel)."""
+
+    def await_acks(self, timeout: float, wake: int) -> None:
+        """Read the answers that come within ``timeout`` s; return early if ``wake`` is readable."""
+
+
 #: a send: called with the producer the batch shares; may return a confirmation
 Send = Callable[[Any], Confirmation | None]
 #: told the outcome of a send: None, or what it raised
@@ -40,15 +66,24 @@ class _Job:
 
 
 class BatchPublisher:
-    """Runs sends on a dedicated thread, in batches, confirmed per batch."""
+    """Runs sends on a dedicated thread, in batches; confirmations are answered as they come."""
 
-    def __init__(self, acquire_producer: Callable[[], AbstractContextManager[Any]]) -> None:
+    def __init__(
+        self,
+        acquire_producer: Callable[[], AbstractContextManager[Any]],
+        acks: AckSource | None = None,
+    ) -> None:
         self._acquire = acquire_producer
+        self._acks = acks
         self._cond = threading.Condition()
         self._jobs: list[_Job] = []
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._stopping = False
+        #: the thread waits on the broker's frames: a new job must write to the pipe
+        self._on_acks = False
+        #: (read, write) ends of the pipe that wakes it then, made with the thread
+        self._wake: tuple[int, int] | None = None
 
     async def submit(self, send: Send) -> None:
         """Run ``send`` on the publisher thread; return once it is sent and confirmed."""
@@ -72,60 +107,120 @@ class BatchPublisher:
         self._enqueue(_Job(asyncio.get_running_loop(), send, on_error, always=False))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Finish queued sends and stop the thread."""
+        """Finish queued sends (and wait for their confirmations) and stop the thread."""
         with self._cond:
             thread, self._stopping = self._thread, True
-            self._cond.notify()
+            self._notify()
         if thread is not None and self._pid == os.getpid():
             thread.join(timeout)
         with self._cond:
             self._thread, self._stopping = None, False
+            if thread is None or not thread.is_alive():
+                self._close_pipe()
 
     def _enqueue(self, job: _Job) -> None:
         with self._cond:
             self._ensure_thread()
             self._jobs.append(job)
             if len(self._jobs) == 1:
-                self._cond.notify()
+                self._notify()
+
+    def _notify(self) -> None:
+        """Wake the thread, waiting on the condition or on the broker (lock held)."""
+        self._cond.notify()
+        if self._on_acks and self._wake is not None:
+            with contextlib.suppress(BlockingIOError):  # full: it is woken already
+                os.write(self._wake[1], b"\0")
 
     def _ensure_thread(self) -> None:
         if self._thread is None or self._pid != os.getpid():
-            self._jobs = []  # jobs of a parent process cannot be completed after fork
+            if self._pid != os.getpid():
+                self._jobs = []  # jobs of a parent process cannot be completed after fork
+                self._close_pipe()  # a child must not wake (or read) its parent's thread
+            if self._wake is None and self._acks is not None:
+                self._wake = _pipe()
+            self._on_acks = False
             self._thread = threading.Thread(target=self._run, name="llmgine-publisher", daemon=True)
             self._pid = os.getpid()
             self._thread.start()
 
+    def _close_pipe(self) -> None:
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
+
     def _run(self) -> None:
+        pending: list[tuple[_Job, Confirmation]] = []
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping:
+                while not self._jobs and not self._stopping and not pending:
                     self._cond.wait()
                 batch, self._jobs = self._jobs, []
-                if not batch and self._stopping:
+                if not batch and not pending:  # stopping, and nothing is left
                     return
-            _report(self._publish(batch))
+                self._on_acks = not batch
+                wake = self._wake
+            if batch:
+                if self._acks is not None and wake is not None:
+                    # what has come: acks, or the broker closing an idle connection
+                    # (noticed now, the batch goes out on a new one)
+                    self._acks.await_acks(0, wake[0])
+                outcomes, waiting = self._publish(batch)
+                pending += waiting
+            elif self._acks is not None and wake is not None:
+                self._acks.await_acks(ACK_WAIT, wake[0])
+                _drain(wake[0])
+                outcomes = []
+            else:  # nobody tells answers apart: wait for each in turn
+                outcomes, pending = [(job, _confirmed(c)) for job, c in pending], []
+            still: list[tuple[_Job, Confirmation]] = []
+            for job, confirm in pending:
+                if confirm.settled():
+                    outcomes.append((job, _confirmed(confirm)))
+                else:
+                    still.append((job, confirm))
+            pending = still
+            _report(outcomes)
 
-    def _publish(self, batch: list[_Job]) -> list[tuple[_Job, BaseException | None]]:
-        sent: list[tuple[_Job, Confirmation | None]] = []
+    def _publish(
+        self, batch: list[_Job]
+    ) -> tuple[list[tuple[_Job, BaseException | None]], list[tuple[_Job, Confirmation]]]:
+        """Send every job; return the outcomes known now and the confirmations to wait for."""
+        sent: list[tuple[_Job, Confirmation]] = []
         outcomes: list[tuple[_Job, BaseException | None]] = []
         try:
             with self._acquire() as producer:
                 for job in batch:
                     try:
-                        sent.append((job, job.send(producer)))
+                        confirm = job.send(producer)
                     except BaseException as exc:
                         outcomes.append((job, exc))
+                        continue
+                    if confirm is None:
+                        outcomes.append((job, None))
+                    else:
+                        sent.append((job, confirm))
         except BaseException as exc:  # no producer: what was not sent fails with it
             done = {id(job) for job, _ in sent} | {id(job) for job, _ in outcomes}
             outcomes += [(job, exc) for job in batch if id(job) not in done]
-        for job, confirm in sent:
-            outcomes.append((job, _confirmed(confirm)))
-        return outcomes
+        return outcomes, sent
 
 
-def _confirmed(confirm: Confirmation | None) -> BaseException | None:
-    if confirm is None:
-        return None
+def _pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    return read, write
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+def _confirmed(confirm: Confirmation) -> BaseException | None:
     try:
         confirm()
     except BaseException as exc:

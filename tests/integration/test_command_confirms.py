@@ -24,10 +24,13 @@ from tests.support import (
     RABBITMQ_URL,
     REDIS_URL,
     TEST_VHOST,
+    close_connections,
+    connections_named,
     ensure_test_vhost,
     message_count,
     rabbitmqctl,
     require_service,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -126,6 +129,28 @@ def test_execute_of_a_refused_command_fails_at_once(pinger: Pinger) -> None:
     assert all(isinstance(o, BrokerUnavailableError) for o in outcomes), outcomes
     assert all("refused" in str(o) for o in outcomes)
     assert message_count(pinger, FULL_QUEUE) == 1
+
+
+def test_a_connection_the_broker_closed_while_idle_is_replaced_before_the_next_send(
+    pinger: Pinger,
+) -> None:
+    # The broker may close an idle connection (an operator, a node restart): the
+    # next send notices before it publishes, instead of failing on the dead one.
+    name = f"itest-confirms-closed-{os.getpid()}"
+    bus = pinger.message_bus
+    with connections_named("rabbitmq", pinger.celery, name):
+        bus.send(Pong(text="before"))
+    close_connections("rabbitmq", name)
+    # closed by the broker; it waits for the client's close-ok for up to 30 s
+    wait_for(lambda: "running" not in connection_states(name), what="the broker to close it")
+    bus.send(Pong(text="after"))  # raised BrokerUnavailableError before
+    assert message_count(pinger, OPEN_QUEUE) == 2
+
+
+def connection_states(name: str) -> list[str]:
+    """The states of the broker's connections named ``name`` (rabbitmqctl)."""
+    listed = rabbitmqctl("list_connections", "state", "client_properties").stdout
+    return [line.split("\t", 1)[0] for line in listed.splitlines() if f'"{name}"' in line]
 
 
 def test_a_forked_child_confirms_on_a_connection_of_its_own(pinger: Pinger) -> None:
