@@ -27,6 +27,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from llmgine_celery.errors import BrokerUnavailableError
+
 #: seconds the thread waits for the broker's frames before it looks again at
 #: what is pending (a confirmation past its deadline is settled: it fails)
 ACK_WAIT = 1.0
@@ -47,6 +49,13 @@ class AckSource(Protocol):
 
     def await_acks(self, timeout: float, wake: int) -> None:
         """Read the answers that come within ``timeout`` s; return early if ``wake`` is readable."""
+
+
+class PublisherClosedError(BrokerUnavailableError):
+    """The publisher was closed before the broker answered this publish."""
+
+    def __init__(self) -> None:
+        super().__init__("the publisher was closed before the broker confirmed the message")
 
 
 #: a send: called with the producer the batch shares; may return a confirmation
@@ -151,16 +160,10 @@ class BatchPublisher:
             self._wake = None
 
     def _run(self) -> None:
+        me = threading.current_thread()
         pending: list[tuple[_Job, Confirmation]] = []
-        while True:
-            with self._cond:
-                while not self._jobs and not self._stopping and not pending:
-                    self._cond.wait()
-                batch, self._jobs = self._jobs, []
-                if not batch and not pending:  # stopping, and nothing is left
-                    return
-                self._on_acks = not batch
-                wake = self._wake
+        while (batch := self._take(me, pending)) is not None:
+            wake = self._wake
             if batch:
                 if self._acks is not None and wake is not None:
                     # what has come: acks, or the broker closing an idle connection
@@ -174,14 +177,29 @@ class BatchPublisher:
                 outcomes = []
             else:  # nobody tells answers apart: wait for each in turn
                 outcomes, pending = [(job, _confirmed(c)) for job, c in pending], []
-            still: list[tuple[_Job, Confirmation]] = []
-            for job, confirm in pending:
-                if confirm.settled():
-                    outcomes.append((job, _confirmed(confirm)))
-                else:
-                    still.append((job, confirm))
-            pending = still
-            _report(outcomes)
+            answered, pending = _answered(pending)
+            _report(outcomes + answered)
+
+    def _take(
+        self, me: threading.Thread, pending: list[tuple[_Job, Confirmation]]
+    ) -> list[_Job] | None:
+        """The queued jobs (maybe none, while answers are pending); None when the thread ends."""
+        with self._cond:
+            while not self._jobs and not self._stopping and not pending:
+                if self._thread is not me:
+                    return None
+                self._cond.wait()
+            if self._thread is not me:
+                # close() gave up waiting for this thread (a send hung): a newer thread
+                # may own the queue and the channel now, so take nothing more and wait
+                # for nothing on them
+                _report([(job, PublisherClosedError()) for job, _ in pending])
+                return None
+            batch, self._jobs = self._jobs, []
+            if not batch and not pending:  # stopping, and nothing is left
+                return None
+            self._on_acks = not batch
+            return batch
 
     def _publish(
         self, batch: list[_Job]
@@ -205,6 +223,20 @@ class BatchPublisher:
             done = {id(job) for job, _ in sent} | {id(job) for job, _ in outcomes}
             outcomes += [(job, exc) for job in batch if id(job) not in done]
         return outcomes, sent
+
+
+def _answered(
+    pending: list[tuple[_Job, Confirmation]],
+) -> tuple[list[tuple[_Job, BaseException | None]], list[tuple[_Job, Confirmation]]]:
+    """The outcomes of the settled confirmations, and those still pending."""
+    outcomes: list[tuple[_Job, BaseException | None]] = []
+    still: list[tuple[_Job, Confirmation]] = []
+    for job, confirm in pending:
+        if confirm.settled():
+            outcomes.append((job, _confirmed(confirm)))
+        else:
+            still.append((job, confirm))
+    return outcomes, still
 
 
 def _pipe() -> tuple[int, int]:

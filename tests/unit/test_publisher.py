@@ -209,3 +209,34 @@ def test_without_an_ack_source_each_confirmation_is_waited_for_in_turn(answers: 
         answers.answer(1)
         answers.answer(2)
         pub.close()
+
+
+def test_a_thread_that_close_gave_up_on_takes_no_more_work(answers: Answers) -> None:
+    pub = publisher(answers)
+    release = threading.Event()
+    ran_on: list[tuple[str, threading.Thread]] = []
+
+    def hanging(_producer: Any) -> None:  # a send stuck on the broker
+        ran_on.append(("hanging", threading.current_thread()))
+        release.wait(DEADLINE)
+
+    def plain(tag: str) -> Callable[[Any], None]:
+        def send(_producer: Any) -> None:
+            ran_on.append((tag, threading.current_thread()))
+
+        return send
+
+    stuck, stuck_outcome = in_thread(lambda: pub.submit_sync(hanging))
+    until(lambda: bool(ran_on), "the hanging send to start")
+    old = ran_on[0][1]
+    pub.close(timeout=0.05)  # gives up on the stuck thread
+    pub.submit_sync(plain("after close"))  # a new thread serves it
+    release.set()
+    stuck.join(DEADLINE)
+    assert stuck_outcome == [None]  # the stuck send itself completed
+    old.join(DEADLINE)
+    assert not old.is_alive()  # it ended instead of serving the queue beside the new one
+    pub.submit_sync(plain("later"))
+    threads = {tag: thread for tag, thread in ran_on}
+    assert threads["after close"] is threads["later"] is not old
+    pub.close()
