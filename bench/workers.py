@@ -47,6 +47,10 @@ def host_busy_seconds() -> float:
     return sum(int(t) for t in (user, nice, system, irq, softirq)) / CLOCK_TICKS
 
 
+def _running_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
 def process_cpu_seconds(pids: Iterable[int]) -> float:
     """CPU seconds used so far by the processes ``pids`` (those that still run)."""
     total = 0.0
@@ -61,25 +65,23 @@ def process_cpu_seconds(pids: Iterable[int]) -> float:
 def processes_named(name: str) -> list[int]:
     """The pids of the processes whose command name (``/proc/<pid>/comm``) is ``name``."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == name:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+    for pid in _running_pids():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                found.append(pid)
+        except OSError:
+            continue  # exited meanwhile
     return found
 
 
 def process_tree(root: int) -> list[int]:
     """Process ``root`` and its descendants (a prefork pool's children), as running now."""
     parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = _proc_stat(int(entry.name))[0]
-            except (OSError, ValueError):
-                continue  # exited meanwhile
+    for pid in _running_pids():
+        try:
+            parents[pid] = _proc_stat(pid)[0]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
     tree, frontier = [root], [root]
     while frontier:
         parent = frontier.pop()

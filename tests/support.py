@@ -149,15 +149,20 @@ def close_connections(broker_name: str, name: str) -> None:
             for found in named():
                 client.client_kill_filter(_id=found["id"])
         return
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None or "TEST_RABBITMQ_URL" in os.environ:
+    if shutil.which("rabbitmqctl") is None or "TEST_RABBITMQ_URL" in os.environ:
         pytest.skip("closing a RabbitMQ connection needs rabbitmqctl on this machine")
-    command = [ctl, "-q", "list_connections", "pid", "client_properties"]
-    listed = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    for line in listed.stdout.splitlines():
-        if f'{{"connection_name","{name}"}}' in line:
-            pid = line.split("\t", 1)[0]
-            subprocess.run([ctl, "-q", "close_connection", pid, "test"], check=True, timeout=60)
+    for (pid,) in rabbitmq_connections(name, "pid"):
+        rabbitmqctl("close_connection", pid, "test")
+
+
+def rabbitmq_connections(name: str, *items: str) -> list[list[str]]:
+    """``items`` (rabbitmqctl's ``list_connections`` columns) of the connections named ``name``."""
+    listed = rabbitmqctl("list_connections", *items, "client_properties", check=False).stdout
+    return [
+        line.split("\t")[: len(items)]
+        for line in listed.splitlines()
+        if f'{{"connection_name","{name}"}}' in line
+    ]
 
 
 def require_service(url: str) -> None:

@@ -54,7 +54,7 @@ class ConfirmChannel:
         #: the process that opened the channel: a forked child opens its own
         self._pid = 0
         self._generation = 0
-        #: the generation lost while waiting for acks, and why
+        #: the last generation lost to an error, and the error
         self._lost: tuple[int, BaseException] | None = None
         self._published = 0
         self._acked_upto = 0
@@ -84,7 +84,7 @@ class ConfirmChannel:
     def publish_with(self, send: Callable[[Producer], None]) -> Confirmation:
         """Call ``send`` with a producer on the confirm channel; it publishes one message.
 
-        The returned call waits for that message's ack. ``send`` must not
+        Returns that message's confirmation. ``send`` must not
         retry on another channel: a failed publish resets the connection and
         raises, as ``publish`` does.
         """

@@ -91,7 +91,7 @@ class BatchPublisher:
         self._stopping = False
         #: the thread waits on the broker's frames: a new job must write to the pipe
         self._on_acks = False
-        #: (read, write) ends of the pipe that wakes it then, made with the thread
+        #: (read, write) ends of the pipe that wakes it then (with an ack source only)
         self._wake: tuple[int, int] | None = None
 
     async def submit(self, send: Send) -> None:
@@ -163,16 +163,16 @@ class BatchPublisher:
         me = threading.current_thread()
         pending: list[tuple[_Job, Confirmation]] = []
         while (batch := self._take(me, pending)) is not None:
-            wake = self._wake
+            acks, wake = self._acks, self._wake  # the pipe exists when acks do
             if batch:
-                if self._acks is not None and wake is not None:
+                if acks is not None and wake is not None:
                     # what has come: acks, or the broker closing an idle connection
                     # (noticed now, the batch goes out on a new one)
-                    self._acks.await_acks(0, wake[0])
+                    acks.await_acks(0, wake[0])
                 outcomes, waiting = self._publish(batch)
                 pending += waiting
-            elif self._acks is not None and wake is not None:
-                self._acks.await_acks(ACK_WAIT, wake[0])
+            elif acks is not None and wake is not None:
+                acks.await_acks(ACK_WAIT, wake[0])
                 _drain(wake[0])
                 outcomes = []
             else:  # nobody tells answers apart: wait for each in turn

@@ -28,6 +28,7 @@ from tests.support import (
     connections_named,
     ensure_test_vhost,
     message_count,
+    rabbitmq_connections,
     rabbitmqctl,
     require_service,
     wait_for,
@@ -142,15 +143,12 @@ def test_a_connection_the_broker_closed_while_idle_is_replaced_before_the_next_s
         bus.send(Pong(text="before"))
     close_connections("rabbitmq", name)
     # closed by the broker; it waits for the client's close-ok for up to 30 s
-    wait_for(lambda: "running" not in connection_states(name), what="the broker to close it")
+    wait_for(
+        lambda: ["running"] not in rabbitmq_connections(name, "state"),
+        what="the broker to close it",
+    )
     bus.send(Pong(text="after"))  # raised BrokerUnavailableError before
     assert message_count(pinger, OPEN_QUEUE) == 2
-
-
-def connection_states(name: str) -> list[str]:
-    """The states of the broker's connections named ``name`` (rabbitmqctl)."""
-    listed = rabbitmqctl("list_connections", "state", "client_properties").stdout
-    return [line.split("\t", 1)[0] for line in listed.splitlines() if f'"{name}"' in line]
 
 
 def test_a_forked_child_confirms_on_a_connection_of_its_own(pinger: Pinger) -> None:
