@@ -163,6 +163,8 @@ def start_worker(
         *("--without-gossip", "--without-mingle", "--without-heartbeat"),
         *(("-Q", ",".join(queues)) if queues else ()),
     ]
+    if args.prefetch_multiplier is not None:
+        command += ["--prefetch-multiplier", str(args.prefetch_multiplier)]
     return start_process(label, node, command, logdir, env, cwd)
 
 
@@ -294,13 +296,19 @@ def load_average() -> str:
 
 
 def add_worker_options(parser: argparse.ArgumentParser, threads_help: str | None = None) -> None:
-    """``--broker``, ``--backend``, ``--concurrency`` and ``--pool``: what every benchmark takes."""
+    """``--broker``, ``--backend``, ``--concurrency``, ``--pool`` and ``--prefetch-multiplier``."""
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
     parser.add_argument("--backend", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--concurrency", type=int, default=8, help=threads_help or "worker threads/processes"
     )
     parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    parser.add_argument(
+        "--prefetch-multiplier",
+        type=int,
+        default=None,
+        help="every worker's worker_prefetch_multiplier (default: the framework's, 1)",
+    )
 
 
 def run_main(args: argparse.Namespace, run: Callable[[argparse.Namespace], list[str]]) -> int:
