@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
+from tests.support import wait_for
 
 DEADLINE = 5.0
 
@@ -104,14 +105,6 @@ def sending(
     return send
 
 
-def until(probe: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.001)
-
-
 def in_thread(call: Callable[[], None]) -> tuple[threading.Thread, list[BaseException | None]]:
     outcome: list[BaseException | None] = []
 
@@ -135,10 +128,12 @@ def test_a_send_goes_out_while_the_one_before_waits_for_its_confirmation(
     published: list[int] = []
     try:
         first, first_outcome = in_thread(lambda: pub.submit_sync(sending(answers, 1, published)))
-        until(lambda: published == [1], "the first publish")
+        wait_for(lambda: published == [1], DEADLINE, "the first publish")
         second, second_outcome = in_thread(lambda: pub.submit_sync(sending(answers, 2, published)))
         # the first is still unanswered, and the second is published all the same
-        until(lambda: published == [1, 2], "the second publish, before the first's answer")
+        wait_for(
+            lambda: published == [1, 2], DEADLINE, "the second publish, before the first's answer"
+        )
         assert first_outcome == [] and second_outcome == []
         answers.answer(2)  # answers may come in any order; each caller hears its own
         second.join(DEADLINE)
@@ -161,7 +156,7 @@ def test_a_refused_publish_fails_only_its_own_caller(answers: Answers) -> None:
             in_thread(functools.partial(pub.submit_sync, sending(answers, tag, published)))
             for tag in (1, 2, 3)
         ]
-        until(lambda: sorted(published) == [1, 2, 3], "three publishes")
+        wait_for(lambda: sorted(published) == [1, 2, 3], DEADLINE, "three publishes")
         answers.answer(1)
         answers.answer(2, refused)
         answers.answer(3)
@@ -177,12 +172,12 @@ def test_close_waits_for_pending_confirmations(answers: Answers) -> None:
     pub = publisher(answers)
     published: list[int] = []
     caller, outcome = in_thread(lambda: pub.submit_sync(sending(answers, 7, published)))
-    until(lambda: published == [7], "the publish")
+    wait_for(lambda: published == [7], DEADLINE, "the publish")
     closing, closed = in_thread(pub.close)
-    until(lambda: pub._stopping, "close to begin")
+    wait_for(lambda: pub._stopping, DEADLINE, "close to begin")
     seen = answers.awaited
     # the thread goes on waiting for the answer after close asked it to stop
-    until(lambda: answers.awaited > seen, "the thread to wait for acks again")
+    wait_for(lambda: answers.awaited > seen, DEADLINE, "the thread to wait for acks again")
     assert closed == [] and outcome == []
     answers.answer(7)
     closing.join(DEADLINE)
@@ -195,13 +190,17 @@ def test_without_an_ack_source_each_confirmation_is_waited_for_in_turn(answers: 
     published: list[int] = []
     try:
         first, first_outcome = in_thread(lambda: pub.submit_sync(sending(answers, 1, published)))
-        until(lambda: answers.waiting_on == 1, "the thread to wait for the first answer")
+        wait_for(
+            lambda: answers.waiting_on == 1, DEADLINE, "the thread to wait for the first answer"
+        )
         second, _ = in_thread(lambda: pub.submit_sync(sending(answers, 2, published)))
-        until(lambda: bool(pub._jobs), "the second send to be queued")
+        wait_for(lambda: bool(pub._jobs), DEADLINE, "the second send to be queued")
         assert published == [1]  # not taken while the first answer is awaited
         answers.answer(1)
         first.join(DEADLINE)
-        until(lambda: published == [1, 2], "the second publish, after the first's answer")
+        wait_for(
+            lambda: published == [1, 2], DEADLINE, "the second publish, after the first's answer"
+        )
         answers.answer(2)
         second.join(DEADLINE)
         assert first_outcome == [None]
@@ -227,7 +226,7 @@ def test_a_thread_that_close_gave_up_on_takes_no_more_work(answers: Answers) -> 
         return send
 
     stuck, stuck_outcome = in_thread(lambda: pub.submit_sync(hanging))
-    until(lambda: bool(ran_on), "the hanging send to start")
+    wait_for(lambda: bool(ran_on), DEADLINE, "the hanging send to start")
     old = ran_on[0][1]
     pub.close(timeout=0.05)  # gives up on the stuck thread
     pub.submit_sync(plain("after close"))  # a new thread serves it
