@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the rep
 from pydantic import SecretStr
 
 from bench.apps.llmgine_echo import Echo, EchoApp
-from bench.report import Sample, measure, rate_rows
+from bench.report import Sample, measure, rate_rows, round_ratios
 from bench.workers import (
     REPO_ROOT,
     BenchError,
@@ -215,7 +215,7 @@ def report(
         met = "met" if ratio >= GOAL else "NOT met"
         verdict = f"ratio on / off: {ratio:.3f}x  (goal >= {GOAL}x: {met})"
     else:  # the same rounds' rates: the machine's phases move both sides together
-        pairs = [b.wall / a.wall for a, b in zip(samples[first], samples[second], strict=True)]
+        pairs = round_ratios(samples[first], [samples[second]])
         verdict = (
             f"ratio this / other checkout ({args.versus_checkout}): {ratio:.3f}x of the "
             f"medians; per round {' '.join(f'{p:.2f}' for p in pairs)} "

@@ -118,10 +118,7 @@ def paired_lines(results: dict[str, list[Sample]], llmgine: str) -> list[str]:
     favours plain Celery.
     """
     plains = [samples for label, samples in results.items() if label != llmgine]
-    ratios = [
-        rate(ours) / max(rate(theirs[i]) for theirs in plains)
-        for i, ours in enumerate(results[llmgine])
-    ]
+    ratios = round_ratios(results[llmgine], plains)
     median = statistics.median(ratios)
     low, high = bootstrap_median_interval(ratios)
     return [
@@ -130,6 +127,12 @@ def paired_lines(results: dict[str, list[Sample]], llmgine: str) -> list[str]:
         f"{low:.2f}-{high:.2f} (bootstrap over rounds)  (goal >= {THROUGHPUT_GOAL}x: "
         f"{'met' if median >= THROUGHPUT_GOAL else 'NOT met'})",
     ]
+
+
+def round_ratios(top: Sequence[Sample], bottoms: Sequence[Sequence[Sample]]) -> list[float]:
+    """Each round's rate of ``top`` over the best rate among ``bottoms`` in the same round."""
+    rounds = zip(top, *bottoms, strict=True)
+    return [rate(ours) / max(rate(other) for other in others) for ours, *others in rounds]
 
 
 def bootstrap_median_interval(
