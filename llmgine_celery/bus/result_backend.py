@@ -20,6 +20,9 @@
   command to 0.85x-0.88x. A server that refuses scripts gets a pipeline.
 * ``_get_result_meta`` looks up ``result_extended`` and converts the time zone
   on every call (19 us); with neither in use the meta is built directly (3 us).
+* ``_encode``: a meta of text and None (a command's) is written with
+  pydantic-core's JSON encoder, 1.5 us against kombu's 9 us; it decodes to the
+  same meta, and compression still applies. Anything else goes through Celery.
 
 A command sent by ``execute()`` names its caller's reply channel in a header
 (``llmgine_reply_to``); its result is published there too, in the same script.
@@ -37,6 +40,7 @@ from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
+from pydantic_core import PydanticSerializationError, to_json
 
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.result_store import ResultStore
@@ -68,6 +72,28 @@ def first_delivery(request: Any) -> bool:
         return False
     delivery_info = getattr(request, "delivery_info", None) or {}
     return not delivery_info.get("redelivered")
+
+
+#: the keys of the meta ``llmgine_meta`` builds (with Celery's own meta: more)
+PLAIN_META_KEYS = frozenset(
+    {"status", "result", "traceback", "children", "date_done", "task_id", "group_id", "parent_id"}
+)
+
+
+def plain_meta(data: Any) -> bool:
+    """Whether ``data`` is a result meta holding only text and None (a command's).
+
+    kombu's JSON encoder and pydantic-core's write such a meta as JSON that
+    decodes to the same meta (kombu's marks datetimes, UUIDs and the like to
+    decode them back; a meta holding none needs no marks): kombu's in 9 us for a
+    command's, pydantic-core's in 1.5 us. An exception's meta, a task's own result, subtasks (``children``)
+    or Celery's extended meta are not plain.
+    """
+    if not isinstance(data, dict) or not data.keys() <= PLAIN_META_KEYS:
+        return False
+    return not data.get("children") and all(
+        value is None or isinstance(value, str) for key, value in data.items() if key != "children"
+    )
 
 
 class LLMgineBackendMixin:
@@ -129,6 +155,16 @@ class LLMgineBackendMixin:
             if value:
                 meta[meta_key] = value
         return meta
+
+    def _encode(self: Any, data: Any) -> tuple[str, str, Any]:
+        # Celery's encode compresses what this returns, when result_compression is set.
+        if self.serializer == "json" and plain_meta(data):
+            try:
+                return "application/json", "utf-8", to_json(data)
+            except PydanticSerializationError:  # a lone surrogate, say
+                pass
+        encoded: tuple[str, str, Any] = super()._encode(data)  # type: ignore[misc]
+        return encoded
 
     def llmgine_store(self: Any, key: Any, value: Any, state: str, request: Any) -> None:
         """Store and publish one task state, with Celery's expiry and retries."""
