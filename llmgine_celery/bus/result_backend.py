@@ -85,9 +85,9 @@ def plain_meta(data: Any) -> bool:
 
     kombu's JSON encoder and pydantic-core's write such a meta as JSON that
     decodes to the same meta (kombu's marks datetimes, UUIDs and the like to
-    decode them back; a meta holding none needs no marks): kombu's in 9 us for a
-    command's, pydantic-core's in 1.5 us. An exception's meta, a task's own result, subtasks (``children``)
-    or Celery's extended meta are not plain.
+    decode them back; a meta holding none needs no marks): kombu's in 9 us for
+    a command's, pydantic-core's in 1.5 us. An exception's meta, a task's own
+    result, subtasks (``children``) or Celery's extended meta are not plain.
     """
     if not isinstance(data, dict) or not data.keys() <= PLAIN_META_KEYS:
         return False

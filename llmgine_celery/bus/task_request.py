@@ -5,9 +5,9 @@ Celery's consumer decodes a task message's body while it builds the request
 consumer's own thread. Then it hands the pool the raw bytes, and the pool
 decodes them a second time before it runs the task. This request hands the
 pool the body the consumer decoded instead, so the pool runs the task with no
-second decode: for a command, one JSON parse of its envelope less per task, in
-the worker's busiest process. Nothing is checked less: the consumer decoded
-with the worker's accepted content types (JSON only), as the pool would have.
+second decode: for a command, one JSON parse of its envelope less per task.
+Nothing is checked less: the consumer decoded with the worker's accepted
+content types (JSON only), as the pool would have.
 
 A message Celery decoded some other way (protocol 1, hybrid) is left as Celery
 made it.
@@ -23,13 +23,15 @@ from celery.worker.request import Request
 class DecodedOnceRequest(Request):
     """Celery's request, passing the pool the body the consumer already decoded."""
 
-    _decoded: bool
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not self._decoded:
-            # Celery's pool trace decodes a body with a content type and takes a
-            # body without one as the (args, kwargs, embed) it already is.
-            self._body = self._payload
-            self._content_type = self._content_encoding = None
-            self._decoded = True
+        # Celery 5.7's attributes, read with a default: a Celery that renames
+        # them gets its own request back, slower but whole.
+        if getattr(self, "_decoded", True) is False:
+            payload = getattr(self, "_payload", None)
+            if payload is not None:
+                # Celery's pool trace decodes a body with a content type and takes
+                # a body without one as the (args, kwargs, embed) it already is.
+                self._body = payload
+                self._content_type = self._content_encoding = None
+                self._decoded = True
