@@ -12,7 +12,7 @@ from llmgine_celery.bus import results
 from llmgine_celery.bus.registry import CommandRoute, HandlerRegistry
 from llmgine_celery.bus.result_backend import first_delivery
 from llmgine_celery.bus.runtime import call_handler
-from llmgine_celery.bus.task_request import DecodedOnceRequest
+from llmgine_celery.bus.task_request import llmgine_task
 from llmgine_celery.errors import MessageError
 from llmgine_celery.messages.commands import Command, CommandResult
 from llmgine_celery.messages.events import Event
@@ -113,11 +113,4 @@ def register_command_task(
     # route's queue with each send, and Celery's task_routes apply otherwise.
     # The result is text (``results.to_text``): Celery reprs it (its log line,
     # the task-succeeded event) cut to RESULT_REPR_CHARS.
-    task: Task = celery.task(
-        name=route.task_name,
-        bind=True,
-        shared=False,
-        resultrepr_maxsize=RESULT_REPR_CHARS,
-        Request=DecodedOnceRequest,
-    )(command_task)
-    return task
+    return llmgine_task(celery, route.task_name, command_task, resultrepr_maxsize=RESULT_REPR_CHARS)

@@ -23,7 +23,7 @@ from llmgine_celery.bus.dead_letters import HANDLER_FAILED, DeadLetter, send_dea
 from llmgine_celery.bus.events import event_headers, publish_event, published_record
 from llmgine_celery.bus.registry import EventRoute, HandlerRegistry
 from llmgine_celery.bus.runtime import call_handler
-from llmgine_celery.bus.task_request import DecodedOnceRequest
+from llmgine_celery.bus.task_request import llmgine_task
 from llmgine_celery.messages.envelope import encode
 from llmgine_celery.messages.events import Event
 from llmgine_celery.messages.system import EventHandlerFailedEvent
@@ -104,14 +104,7 @@ def register_handler_task(
 
     event_handler_task.__doc__ = f"Run handler {route.name} of group {route.group}."
     # Dispatch and retries name the group's handler queue explicitly.
-    task: Task = celery.task(
-        name=route.task_name,
-        bind=True,
-        shared=False,
-        ignore_result=True,
-        Request=DecodedOnceRequest,
-    )(event_handler_task)
-    return task
+    return llmgine_task(celery, route.task_name, event_handler_task, ignore_result=True)
 
 
 def _message_headers(request: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The worker's request for llmgine tasks: Celery's, with each message decoded once.
+"""How llmgine's Celery tasks are made: bound, the app's own, each message decoded once.
 
 Celery's consumer decodes a task message's body while it builds the request
 (the request keeps the task's positional and keyword arguments), on the
@@ -10,14 +10,18 @@ Nothing is checked less: the consumer decoded with the worker's accepted
 content types (JSON only), as the pool would have.
 
 A message Celery decoded some other way (protocol 1, hybrid) is left as Celery
-made it.
+made it. Command and handler tasks are made by ``llmgine_task``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from celery.worker.request import Request
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
 
 
 class DecodedOnceRequest(Request):
@@ -35,3 +39,11 @@ class DecodedOnceRequest(Request):
                 self._body = payload
                 self._content_type = self._content_encoding = None
                 self._decoded = True
+
+
+def llmgine_task(celery: Celery, name: str, fn: Callable[..., Any], **options: Any) -> Task:
+    """``fn`` as the Celery task ``name``: bound, this app's own, each message decoded once."""
+    task: Task = celery.task(
+        name=name, bind=True, shared=False, Request=DecodedOnceRequest, **options
+    )(fn)
+    return task
