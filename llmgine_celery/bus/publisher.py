@@ -185,21 +185,19 @@ class BatchPublisher:
     ) -> list[_Job] | None:
         """The queued jobs (maybe none, while answers are pending); None when the thread ends."""
         with self._cond:
-            while not self._jobs and not self._stopping and not pending:
-                if self._thread is not me:
-                    return None
+            while self._thread is me and not (self._jobs or self._stopping or pending):
                 self._cond.wait()
-            if self._thread is not me:
-                # close() gave up waiting for this thread (a send hung): a newer thread
-                # may own the queue and the channel now, so take nothing more and wait
-                # for nothing on them
-                _report([(job, PublisherClosedError()) for job, _ in pending])
-                return None
-            batch, self._jobs = self._jobs, []
-            if not batch and not pending:  # stopping, and nothing is left
-                return None
-            self._on_acks = not batch
-            return batch
+            if self._thread is me:
+                batch, self._jobs = self._jobs, []
+                if not batch and not pending:  # stopping, and nothing is left
+                    return None
+                self._on_acks = not batch
+                return batch
+        # close() gave up waiting for this thread (a send hung): a newer thread may
+        # own the queue and the channel now, so take nothing more and wait for
+        # nothing on them
+        _report([(job, PublisherClosedError()) for job, _ in pending])
+        return None
 
     def _publish(
         self, batch: list[_Job]
