@@ -29,6 +29,8 @@ from typing import Any
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.worker.consumer import Consumer
 
+from llmgine_celery.bus.hub_wake import wake_for_waiting_callbacks
+
 #: seconds buffered task events wait for others before they are published
 EVENTS_LINGER = 0.05
 #: task events one publish carries at most (Celery's default is 24)
@@ -53,12 +55,7 @@ class LLMgineConsumer(Consumer):
             hub.on_tick.add(self._wake_for_waiting_callbacks)
 
     def _wake_for_waiting_callbacks(self) -> None:
-        # Runs before every poll. kombu keeps no public way to ask this; without
-        # its private attributes the hub behaves as it always did.
-        hub = self.hub
-        waker = getattr(hub, "_waker", None)
-        if getattr(hub, "_ready", None) and waker is not None:
-            waker.wake()
+        wake_for_waiting_callbacks(self.hub)  # runs before every poll
 
     def on_send_event_buffered(self) -> None:
         # Called on the hub's thread and on pool threads: the hub's timer is the
