@@ -18,6 +18,8 @@ own thread does not wake it), and with late acks and a prefetch of one the
 broker sends nothing until the ack: ~10 tasks/s with the events' timer, stalls
 of tens of seconds without it. For the solo pool the consumer wakes the poll when a turn
 leaves callbacks waiting (the same wake-up another thread's callback makes).
+
+On plain AMQP the consumer's connection reads ahead (``amqp_transport``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.worker.consumer import Consumer
 
+from llmgine_celery.bus.amqp_transport import consumer_transport
 from llmgine_celery.bus.hub_wake import wake_for_waiting_callbacks
 
 #: seconds buffered task events wait for others before they are published
@@ -48,6 +51,15 @@ class LLMgineConsumer(Consumer):
         self._flush_lock = threading.Lock()
         #: when the pending flush was asked for (0: none pending)
         self._flush_asked = 0.0
+
+    def connection_for_read(self, heartbeat: float | None = None) -> Any:
+        """The task consumer's connection: read-ahead on plain AMQP (see ``amqp_transport``)."""
+        transport = consumer_transport(self.app)
+        if transport is None:
+            return super().connection_for_read(heartbeat)
+        return self.ensure_connected(
+            self.app.connection_for_read(heartbeat=heartbeat, transport=transport)
+        )
 
     def register_with_event_loop(self, hub: Any) -> None:
         super().register_with_event_loop(hub)

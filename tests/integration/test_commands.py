@@ -18,6 +18,7 @@ from kombu import Connection, Producer
 
 from llmgine_celery import CommandResult, MessageValidationError
 from llmgine_celery.bus import topology
+from llmgine_celery.bus.amqp_transport import READ_AHEAD_TRANSPORT
 from llmgine_celery.bus.waiters import client_name
 from llmgine_celery.messages.envelope import load
 from tests.integration.apps import (
@@ -239,6 +240,20 @@ def test_the_worker_consumes_the_command_and_group_queues(deployment: Deployment
     active = inspect.active_queues() or {}
     names = {q["name"] for q in active.get(deployment.worker.node, [])}
     assert {topology.COMMAND_QUEUE, topology.handler_queue_name("itest")} <= names
+
+
+def test_the_worker_reads_ahead_on_rabbitmq_and_says_so_in_its_stats(
+    deployment: Deployment,
+) -> None:
+    # the stats reply carries the broker connection's info: JSON, so the transport by name
+    inspect = deployment.app.celery.control.inspect(destination=[deployment.worker.node], timeout=5)
+    stats = (inspect.stats() or {}).get(deployment.worker.node)
+    assert stats is not None, "the worker did not answer inspect stats"
+    transport = stats["broker"]["transport"]
+    if deployment.broker_name == "rabbitmq":
+        assert transport == READ_AHEAD_TRANSPORT
+    else:
+        assert transport == "redis"
 
 
 def test_the_worker_consumes_its_event_group_queue(deployment: Deployment) -> None:
