@@ -149,7 +149,7 @@ class ReadAheadTransport(pyamqp.Transport):
             transport = connection.transport
             try:
                 connection.drain_events(timeout=0)
-                while _buffered(transport):
+                while connection.connected and _buffered(transport):  # a callback may close it
                     connection.drain_events(timeout=0)
             except TimeoutError:  # socket.timeout: nothing more has come yet
                 return
