@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from llmgine_celery.bus.publisher import BatchPublisher, Confirmation
+from llmgine_celery.bus.publisher import BatchPublisher, Confirmation, PublisherClosedError
 from tests.support import wait_for
 
 DEADLINE = 5.0
@@ -239,3 +239,17 @@ def test_a_thread_that_close_gave_up_on_takes_no_more_work(answers: Answers) -> 
     threads = {tag: thread for tag, thread in ran_on}
     assert threads["after close"] is threads["later"] is not old
     pub.close()
+
+
+def test_a_thread_that_close_gave_up_on_fails_the_confirmations_it_waits_for(
+    answers: Answers,
+) -> None:
+    pub = publisher(answers)
+    published: list[int] = []
+    waiting, outcome = in_thread(lambda: pub.submit_sync(sending(answers, 1, published)))
+    wait_for(lambda: published == [1], DEADLINE, "the send to go out")
+    pub.close(timeout=0.05)  # confirmation 1 never comes: close gives up on the thread
+    waiting.join(DEADLINE)
+    assert not waiting.is_alive(), "the caller was never told"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], PublisherClosedError)
