@@ -84,8 +84,8 @@ class ReadAheadTCPTransport(TCPTransport):
         return frame_type, channel, bytes(buffer[start + _HEADER.size : end])
 
     def _receive(self) -> None:
-        try:
-            data = self.sock.recv(READ_AHEAD)
+        try:  # py-amqp's bound recv: on a closed transport, an OSError as py-amqp's own
+            data = self._quick_recv(READ_AHEAD)
         except TimeoutError:  # socket.timeout: a socket with a timeout had nothing in time
             raise
         except OSError as exc:

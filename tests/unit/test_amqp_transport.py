@@ -158,3 +158,13 @@ def test_other_brokers_and_a_named_transport_keep_celerys_choice(
 def test_the_consumer_reads_from_its_read_url() -> None:
     celery = app("redis://127.0.0.1:6379/0", broker_read_url="amqp://h//")
     assert consumer_transport(celery) == READ_AHEAD_TRANSPORT
+
+
+def test_reading_a_closed_transport_is_a_socket_error(
+    pair: tuple[ReadAheadTCPTransport, socket.socket],
+) -> None:
+    transport, _ = pair
+    transport.close()
+    with pytest.raises(OSError):  # as py-amqp's own: a connection error, not an AttributeError
+        transport.read_frame()
+    assert not transport.connected
