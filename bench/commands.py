@@ -44,6 +44,7 @@ from bench.workers import (
     BenchError,
     Worker,
     add_worker_options,
+    forget_results,
     load_average,
     log,
     prepare_queues,
@@ -74,6 +75,13 @@ class LlmgineSide:
         self.app = module.app
         self.command = module.Echo
         self.loop = asyncio.new_event_loop()
+        #: ids of the commands sent since the last ``forget``
+        self.made: list[str] = []
+
+    def forget(self) -> None:
+        """Delete the results of the commands sent so far (outside any timed run)."""
+        forget_results(self.app.celery.backend, self.made)
+        self.made.clear()
 
     def bootstrap(self) -> None:
         self.loop.run_until_complete(self.app.bootstrap())
@@ -91,8 +99,9 @@ class LlmgineSide:
         return self.loop.run_until_complete(self._sequential(payloads))
 
     async def _call(self, payload: str) -> None:
-        bus = self.app.message_bus
-        result = await bus.execute(self.command(payload=payload), timeout=CALL_TIMEOUT)
+        command = self.command(payload=payload)
+        self.made.append(command.id)
+        result = await self.app.message_bus.execute(command, timeout=CALL_TIMEOUT)
         check(result.success and result.result == payload, "llmgine", payload, result)
 
     async def _burst(self, payloads: Sequence[str]) -> None:
@@ -113,13 +122,22 @@ class PlainSide:
     def __init__(self, module: ModuleType) -> None:
         self.task = module.echo
         self.pools: dict[int, ThreadPoolExecutor] = {}
+        #: ids of the tasks sent since the last ``forget`` (appended from pool threads)
+        self.made: list[str] = []
+
+    def forget(self) -> None:
+        """Delete the results of the tasks sent so far (outside any timed run)."""
+        forget_results(self.task.backend, self.made)
+        self.made.clear()
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.shutdown(cancel_futures=True)
 
     def call(self, payload: str) -> None:
-        value = self.task.apply_async(args=[payload]).get(timeout=CALL_TIMEOUT)
+        sent = self.task.apply_async(args=[payload])
+        self.made.append(sent.id)
+        value = sent.get(timeout=CALL_TIMEOUT)
         check(value == payload, "plain", payload, value)
 
     def burst(self, threads: int, payloads: Sequence[str]) -> None:
@@ -149,6 +167,8 @@ class Contestant:
     workers: tuple[Worker, ...]
     throughput: Callable[[Sequence[str]], None] | None = None
     latency: Callable[[Sequence[str]], list[float]] | None = None
+    #: deletes the results its calls left in the backend
+    forget: Callable[[], None] | None = None
 
     @property
     def tag(self) -> str:
@@ -209,6 +229,8 @@ def _phase(
 ) -> Sample:
     payloads = make_payloads(f"{tag}-{c.tag}", count, args.payload_bytes)
     sample = measure(c.workers, payloads, lambda: run(payloads))
+    if c.forget is not None:
+        c.forget()
     log(f"  {c.label:<28} {count / sample.wall:8.0f} calls/s  ({sample.wall:.2f}s)")
     return sample
 
@@ -248,16 +270,17 @@ def side_workers(workers: dict[str, Worker], side: str) -> tuple[Worker, ...]:
 def contestants_of(
     llmgine: LlmgineSide, plain: PlainSide, workers: dict[str, Worker], args: argparse.Namespace
 ) -> list[Contestant]:
-    llmgine_workers = side_workers(workers, "llmgine")
-    plain_workers = side_workers(workers, "plain")
+    ours, theirs = side_workers(workers, "llmgine"), side_workers(workers, "plain")
+    forget_ours, forget_theirs = llmgine.forget, plain.forget
     result = [
-        Contestant("llmgine-celery (asyncio.gather)", llmgine_workers, throughput=llmgine.burst),
-        Contestant("llmgine-celery (sequential)", llmgine_workers, latency=llmgine.sequential),
-        Contestant("plain Celery (sequential)", plain_workers, latency=plain.sequential),
+        Contestant("llmgine-celery (asyncio.gather)", ours, llmgine.burst, forget=forget_ours),
+        Contestant("llmgine-celery (sequential)", ours, None, llmgine.sequential, forget_ours),
+        Contestant("plain Celery (sequential)", theirs, None, plain.sequential, forget_theirs),
     ]
     for threads in args.thread_counts:
         burst = functools.partial(plain.burst, threads)
-        result.append(Contestant(f"plain Celery ({threads} threads)", plain_workers, burst))
+        label = f"plain Celery ({threads} threads)"
+        result.append(Contestant(label, theirs, burst, forget=forget_theirs))
     return result
 
 
@@ -270,11 +293,13 @@ def run(args: argparse.Namespace) -> list[str]:
     with ExitStack() as stack:
         llmgine = LlmgineSide(llmgine_module)
         stack.callback(llmgine.close)
+        stack.callback(llmgine.forget)  # what the warm-up or a failed run left
         llmgine.bootstrap()
         prepare_queues(llmgine_module.celery)
         prepare_queues(plain_module.celery)
         plain = PlainSide(plain_module)
         stack.callback(plain.close)
+        stack.callback(plain.forget)
         specs = [
             (f"{side}-{n}" if n else side, f"{module_name}:celery", module.celery)
             for side, module_name, module in [
