@@ -49,6 +49,7 @@ from bench.workers import (
     run_main,
     start_worker,
     stop_all,
+    unlink_keys,
     vhost_url,
     wait_ready,
 )
@@ -216,6 +217,7 @@ def drain_together(
     finally:
         for side in sides:
             side.stop()
+            unlink_keys(client, side.keys)  # the results this round stored
         client.close()
     return {label: (done[label] / wall, cpu[label] / done[label] * 1000) for label in done}
 

@@ -335,14 +335,18 @@ def configure_environment(args: argparse.Namespace) -> None:
 
 
 def forget_results(backend: Any, task_ids: Sequence[str]) -> None:
-    """Delete the stored results of ``task_ids`` (a benchmark's own), a chunk per round trip.
+    """Delete the stored results of ``task_ids`` (a benchmark's own).
 
     Left alone they would stay in Redis for ``result_expires`` (a day): some
     1.5 KB per call, hundreds of MB per day of benchmarking.
     """
-    keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+    unlink_keys(backend.client, [backend.get_key_for_task(task_id) for task_id in task_ids])
+
+
+def unlink_keys(client: Any, keys: Sequence[Any]) -> None:
+    """Delete ``keys`` from Redis, a chunk per round trip."""
     for start in range(0, len(keys), FORGET_CHUNK):
-        backend.client.unlink(*keys[start : start + FORGET_CHUNK])
+        client.unlink(*keys[start : start + FORGET_CHUNK])
 
 
 def log(message: str) -> None:
