@@ -24,7 +24,7 @@ from kombu.entity import Exchange, Queue
 from bench import rabbit
 from bench.apps import counting
 from bench.apps.counting import GROUPS
-from bench.workers import BenchError, Worker, claim_queue, start_process, stop_all
+from bench.workers import BenchError, Worker, claim_queue, start_process, stop_all, unlink_keys
 from llmgine_celery.bus import topology
 from llmgine_celery.bus.events import group_queue
 from llmgine_celery.messages.envelope import encode
@@ -223,8 +223,7 @@ class CountedSide:
         keys = [k(self.side, g) for g in GROUPS for k in (counting.runs_key, counting.ids_key)]
         if self.leftover_key is not None:
             keys += [self.leftover_key(i, g) for i in self._ids for g in GROUPS]
-        for start in range(0, len(keys), 1000):
-            client.unlink(*keys[start : start + 1000])
+        unlink_keys(client, keys)
 
 
 def wait_counts(side: str, expected: int, timeout: float) -> None:
