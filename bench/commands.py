@@ -42,9 +42,9 @@ from bench import report
 from bench.report import Sample, header, latency_table, throughput_table
 from bench.workers import (
     BenchError,
+    SentTasks,
     Worker,
     add_worker_options,
-    forget_results,
     load_average,
     log,
     prepare_queues,
@@ -75,13 +75,7 @@ class LlmgineSide:
         self.app = module.app
         self.command = module.Echo
         self.loop = asyncio.new_event_loop()
-        #: ids of the commands sent since the last ``forget``
-        self.made: list[str] = []
-
-    def forget(self) -> None:
-        """Delete the results of the commands sent so far (outside any timed run)."""
-        forget_results(self.app.celery.backend, self.made)
-        self.made.clear()
+        self.sent = SentTasks(self.app.celery.backend)
 
     def bootstrap(self) -> None:
         self.loop.run_until_complete(self.app.bootstrap())
@@ -100,7 +94,7 @@ class LlmgineSide:
 
     async def _call(self, payload: str) -> None:
         command = self.command(payload=payload)
-        self.made.append(command.id)
+        self.sent.add(command.id)
         result = await self.app.message_bus.execute(command, timeout=CALL_TIMEOUT)
         check(result.success and result.result == payload, "llmgine", payload, result)
 
@@ -122,13 +116,7 @@ class PlainSide:
     def __init__(self, module: ModuleType) -> None:
         self.task = module.echo
         self.pools: dict[int, ThreadPoolExecutor] = {}
-        #: ids of the tasks sent since the last ``forget`` (appended from pool threads)
-        self.made: list[str] = []
-
-    def forget(self) -> None:
-        """Delete the results of the tasks sent so far (outside any timed run)."""
-        forget_results(self.task.backend, self.made)
-        self.made.clear()
+        self.sent = SentTasks(self.task.backend)
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -136,7 +124,7 @@ class PlainSide:
 
     def call(self, payload: str) -> None:
         sent = self.task.apply_async(args=[payload])
-        self.made.append(sent.id)
+        self.sent.add(sent.id)
         value = sent.get(timeout=CALL_TIMEOUT)
         check(value == payload, "plain", payload, value)
 
@@ -271,7 +259,7 @@ def contestants_of(
     llmgine: LlmgineSide, plain: PlainSide, workers: dict[str, Worker], args: argparse.Namespace
 ) -> list[Contestant]:
     ours, theirs = side_workers(workers, "llmgine"), side_workers(workers, "plain")
-    forget_ours, forget_theirs = llmgine.forget, plain.forget
+    forget_ours, forget_theirs = llmgine.sent.forget, plain.sent.forget
     result = [
         Contestant("llmgine-celery (asyncio.gather)", ours, llmgine.burst, forget=forget_ours),
         Contestant("llmgine-celery (sequential)", ours, None, llmgine.sequential, forget_ours),
@@ -293,13 +281,13 @@ def run(args: argparse.Namespace) -> list[str]:
     with ExitStack() as stack:
         llmgine = LlmgineSide(llmgine_module)
         stack.callback(llmgine.close)
-        stack.callback(llmgine.forget)  # what the warm-up or a failed run left
+        stack.callback(llmgine.sent.forget)  # what the warm-up or a failed run left
         llmgine.bootstrap()
         prepare_queues(llmgine_module.celery)
         prepare_queues(plain_module.celery)
         plain = PlainSide(plain_module)
         stack.callback(plain.close)
-        stack.callback(plain.forget)
+        stack.callback(plain.sent.forget)
         specs = [
             (f"{side}-{n}" if n else side, f"{module_name}:celery", module.celery)
             for side, module_name, module in [

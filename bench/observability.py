@@ -40,11 +40,11 @@ from bench.report import Sample, measure, rate_rows, round_ratios
 from bench.workers import (
     REPO_ROOT,
     BenchError,
+    SentTasks,
     Worker,
     add_versus_checkout,
     add_worker_options,
     check_versus_checkout,
-    forget_results,
     load_average,
     log,
     prepare_queues,
@@ -91,13 +91,7 @@ class Side:
         self.app = EchoApp(ApplicationConfig(name="bench-echo", settings=settings))
         self.loop = asyncio.new_event_loop()
         self.calls = 0
-        #: ids of the commands sent since the last ``forget``
-        self.made: list[str] = []
-
-    def forget(self) -> None:
-        """Delete the results of the commands sent so far (outside any timed run)."""
-        forget_results(self.app.celery.backend, self.made)
-        self.made.clear()
+        self.sent = SentTasks(self.app.celery.backend)
 
     def burst(self, payloads: Sequence[str]) -> None:
         self.loop.run_until_complete(self._burst(payloads))
@@ -108,7 +102,7 @@ class Side:
 
         async def call(payload: str) -> None:
             command = Echo(payload=payload)
-            self.made.append(command.id)
+            self.sent.add(command.id)
             result = await bus.execute(command, timeout=CALL_TIMEOUT)
             if not (result.success and result.result == payload):
                 raise BenchError(f"{self.name}: wrong result {result!r:.300}")
@@ -177,7 +171,7 @@ def run(args: argparse.Namespace) -> list[str]:
         sides = {side: Side(side, envs[side]) for side in SIDES}
         for copy in sides.values():
             stack.callback(copy.close)
-            stack.callback(copy.forget)  # runs first: what the warm-up or a failed round left
+            stack.callback(copy.sent.forget)  # runs first: what the warm-up or a failed round left
             prepare_queues(copy.app.celery)
         workers: dict[str, Worker] = {}
         stack.callback(stop_all, workers.values())
@@ -198,7 +192,7 @@ def run(args: argparse.Namespace) -> list[str]:
                 batch = payloads(f"r{round_no}-{side}", args.n, args.payload_bytes)
                 burst = functools.partial(sides[side].burst, batch)
                 sample = measure([workers[side]], args.n, burst)
-                sides[side].forget()
+                sides[side].sent.forget()
                 samples[label(side, args)].append(sample)
                 log(f"  {side:<4} {args.n / sample.wall:8.0f} calls/s ({sample.wall:.2f}s)")
         for worker in workers.values():

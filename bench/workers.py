@@ -334,13 +334,25 @@ def configure_environment(args: argparse.Namespace) -> None:
     os.environ["LLMGINE_EMBEDDED_WORKER"] = "false"
 
 
-def forget_results(backend: Any, task_ids: Sequence[str]) -> None:
-    """Delete the stored results of ``task_ids`` (a benchmark's own).
+class SentTasks:
+    """The task ids a benchmark side sent since it last deleted their stored results.
 
-    Left alone they would stay in Redis for ``result_expires`` (a day): some
-    1.5 KB per call, hundreds of MB per day of benchmarking.
+    Left alone the results would stay in Redis for ``result_expires`` (a day):
+    some 1.5 KB per call, hundreds of MB per day of benchmarking.
     """
-    unlink_keys(backend.client, [backend.get_key_for_task(task_id) for task_id in task_ids])
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self._ids: list[str] = []
+
+    def add(self, task_id: str) -> None:
+        """Note one sent task (thread-safe: a list append)."""
+        self._ids.append(task_id)
+
+    def forget(self) -> None:
+        """Delete the stored results of the tasks noted so far (outside any timed run)."""
+        ids, self._ids = self._ids, []
+        unlink_keys(self._backend.client, [self._backend.get_key_for_task(i) for i in ids])
 
 
 def unlink_keys(client: Any, keys: Sequence[Any]) -> None:
