@@ -62,26 +62,37 @@ class ReadAheadTCPTransport(TCPTransport):
 
     def whole_frame_buffered(self) -> bool:
         """Whether the next frame is buffered whole (then reading it takes no system call)."""
-        unread = len(self._buffer) - self._start
-        if unread < _FRAME_OVERHEAD:
-            return False
-        size: int = _HEADER.unpack_from(self._buffer, self._start)[2]
-        return unread >= size + _FRAME_OVERHEAD
+        return self._next_frame() is not None
+
+    def buffered_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame if it is buffered whole, taken from the buffer; else None."""
+        found = self._next_frame()
+        if found is None:
+            return None
+        frame_type, channel, end = found
+        buffer, start = self._buffer, self._start
+        self._start = end + 1
+        if buffer[end] != _FRAME_END:
+            raise UnexpectedFrame(f"Received frame_end {buffer[end]:#04x} while expecting 0xce")
+        return frame_type, channel, bytes(buffer[start + _HEADER.size : end])
 
     def read_frame(self, unpack: Any = None) -> tuple[int, int, bytes]:
         """The next frame; ``socket.timeout`` if the socket has not brought all of it yet.
 
         A partly received frame stays buffered for the next call, as in py-amqp.
         """
-        while not self.whole_frame_buffered():
+        while (frame := self.buffered_frame()) is None:
             self._receive()
+        return frame
+
+    def _next_frame(self) -> tuple[int, int, int] | None:
+        """The next frame's type, channel and end octet's index, if the frame is all buffered."""
         buffer, start = self._buffer, self._start
+        if len(buffer) - start < _FRAME_OVERHEAD:
+            return None
         frame_type, channel, size = _HEADER.unpack_from(buffer, start)
         end = start + _HEADER.size + size
-        self._start = end + 1
-        if buffer[end] != _FRAME_END:
-            raise UnexpectedFrame(f"Received frame_end {buffer[end]:#04x} while expecting 0xce")
-        return frame_type, channel, bytes(buffer[start + _HEADER.size : end])
+        return (frame_type, channel, end) if end < len(buffer) else None
 
     def _receive(self) -> None:
         try:  # py-amqp's bound recv: on a closed transport, an OSError as py-amqp's own
@@ -128,8 +139,10 @@ class ReadAheadConnection(pyamqp.Connection):
 
     def blocking_read(self, timeout: float | None = None) -> Any:
         transport = self.transport
-        if isinstance(transport, ReadAheadTCPTransport) and transport.whole_frame_buffered():
-            return self.on_inbound_frame(transport.read_frame())  # no socket call: no timeout
+        if isinstance(transport, ReadAheadTCPTransport):
+            frame = transport.buffered_frame()
+            if frame is not None:  # no socket call: no timeout to set
+                return self.on_inbound_frame(frame)
         return super().blocking_read(timeout)
 
 
