@@ -43,7 +43,9 @@ class PublishNotConfirmedError(ConnectionError):
 class ConfirmChannel:
     """A confirm-mode channel used only by the publisher thread."""
 
-    def __init__(self, connect: Callable[[], Any], exchange: Exchange) -> None:
+    def __init__(self, connect: Callable[[], Any], exchange: Exchange | None) -> None:
+        """``exchange`` is declared on each new channel and is where ``publish`` sends; a
+        channel used only through ``publish_with`` needs none."""
         self._connect = connect
         self._exchange = exchange
         self._conn: Any = None
@@ -67,6 +69,8 @@ class ConfirmChannel:
     ) -> Confirmation:
         """Publish ``body`` as persistent JSON; the returned call waits for its ack."""
         channel = self._open()
+        if self._exchange is None:
+            raise TypeError("this confirm channel has no exchange: publish through publish_with")
         message = amqp.Message(
             dumps(body).encode(),
             content_type="application/json",
@@ -143,9 +147,10 @@ class ConfirmChannel:
             conn = self._connect()
             conn.ensure_connection(max_retries=1)
             channel = conn.connection.channel()
-            channel.exchange_declare(
-                self._exchange.name, self._exchange.type, durable=True, auto_delete=False
-            )
+            if self._exchange is not None:
+                channel.exchange_declare(
+                    self._exchange.name, self._exchange.type, durable=True, auto_delete=False
+                )
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)

@@ -115,6 +115,15 @@ class BatchPublisher:
         """
         self._enqueue(_Job(asyncio.get_running_loop(), send, on_error, always=False))
 
+    def send_then(self, send: Send, callback: Callback) -> None:
+        """Queue ``send``; ``callback`` is told its outcome on the publisher thread.
+
+        For callers with no event loop that must not block: the callback gets
+        None once the send is done and confirmed, else what it raised, and must
+        be quick (it holds up the thread's next batch).
+        """
+        self._enqueue(_Job(None, send, callback, always=True))
+
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued sends (and wait for their confirmations) and stop the thread."""
         with self._cond:

@@ -253,3 +253,28 @@ def test_a_thread_that_close_gave_up_on_fails_the_confirmations_it_waits_for(
     assert not waiting.is_alive(), "the caller was never told"
     assert len(outcome) == 1
     assert isinstance(outcome[0], PublisherClosedError)
+
+
+def test_send_then_tells_its_callback_the_outcome_on_the_publisher_thread(
+    answers: Answers,
+) -> None:
+    pub = publisher(answers)
+    published: list[int] = []
+    told: list[tuple[int, BaseException | None, str]] = []
+    refused = ConnectionError("the broker refused the message (nack)")
+
+    def callback(tag: int, error: BaseException | None) -> None:
+        told.append((tag, error, threading.current_thread().name))
+
+    try:
+        for tag in (1, 2):  # returns at once: nothing waits for the answers here
+            pub.send_then(sending(answers, tag, published), functools.partial(callback, tag))
+        wait_for(lambda: published == [1, 2], DEADLINE, "two publishes")
+        assert told == []  # no answer yet
+        answers.answer(2, refused)
+        wait_for(lambda: len(told) == 1, DEADLINE, "the refusal")
+        answers.answer(1)
+        wait_for(lambda: len(told) == 2, DEADLINE, "the ack")
+        assert told == [(2, refused, "llmgine-publisher"), (1, None, "llmgine-publisher")]
+    finally:
+        pub.close()
