@@ -67,8 +67,14 @@ def raw_text(body: bytes | str | None) -> str | None:
     return data[:RAW_KEEP_BYTES].decode("utf-8", "replace")
 
 
-def send_dead_letter(celery: Celery, record: DeadLetter, producer: Any = None) -> None:
-    """Publish ``record`` to the dead-letter queue (declared if missing)."""
+def send_dead_letter(
+    celery: Celery, record: DeadLetter, producer: Any = None, retry: bool = True
+) -> None:
+    """Publish ``record`` to the dead-letter queue (declared if missing).
+
+    ``retry=False``: a failed publish raises at once (a confirm-mode producer
+    must not move to a revived connection).
+    """
     queue = dead_letter_queue()
     with celery.producer_or_acquire(producer) as pooled:
         pooled.publish(
@@ -78,7 +84,7 @@ def send_dead_letter(celery: Celery, record: DeadLetter, producer: Any = None) -
             serializer="json",
             delivery_mode=2,
             declare=[queue],
-            retry=True,
+            retry=retry,
             retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
             headers={"llmgine_dead_letter_kind": record.kind},
         )

@@ -4,10 +4,15 @@ Bad input never stops the step: a message that is over the size limit, not
 JSON (a pickle is never deserialised), not an envelope, of an unknown event
 type, or invalid for its type is dead-lettered with the reason and acked, and
 the messages around it are consumed as usual.
+
+On RabbitMQ an event is acked once the broker confirmed its handler tasks,
+which a publisher thread sends (``confirmed_dispatch``); elsewhere they are
+sent from the consumer's thread, then the event is acked.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,9 +22,10 @@ from kombu.message import Message
 from kombu.messaging import Consumer
 
 from llmgine_celery.bus import topology
+from llmgine_celery.bus.confirmed_dispatch import ConfirmedDispatch
 from llmgine_celery.bus.dead_letters import INVALID_MESSAGE, DeadLetter, raw_text, send_dead_letter
 from llmgine_celery.bus.events import event_headers, group_queue
-from llmgine_celery.bus.registry import HandlerRegistry
+from llmgine_celery.bus.registry import EventRoute, HandlerRegistry
 from llmgine_celery.bus.sender import TaskSender
 from llmgine_celery.bus.tracing import NO_TRACER, Tracer
 from llmgine_celery.errors import MessageError, UnknownMessageTypeError
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 #: transports whose bindings live in a key that can be lost (eviction, FLUSHDB)
 REBIND_TRANSPORTS = frozenset({"redis", "rediss"})
+#: transports whose handler tasks are sent with publisher confirms
+CONFIRM_TRANSPORTS = frozenset({"amqp"})
 
 #: told of every dead letter this step makes (for logs and metrics)
 DeadLetterHook = Callable[[DeadLetter], None]
@@ -49,8 +57,11 @@ class GroupDispatcher:
         max_bytes: int,
         on_dead_letter: DeadLetterHook,
         tracer: Tracer = NO_TRACER,
+        confirmed: tuple[ConfirmedDispatch, Any] | None = None,
     ) -> None:
+        """``confirmed``: the worker's confirmed dispatch and its hub, to send with confirms."""
         self._celery = celery
+        self._confirmed = confirmed
         self._forward = tracer.forward
         self._registry = registry
         self._group = group
@@ -87,22 +98,45 @@ class GroupDispatcher:
         incoming = message.headers if isinstance(message.headers, dict) else {}
         passed = {**_correlation(incoming), **self._forward(incoming)}
         headers = event_headers(body, passed)
+        routes = self._registry.event_routes_for(self._group, event)
+        if self._confirmed is not None and routes:
+            dispatch, hub = self._confirmed
+            sends = [
+                functools.partial(self._send, route, event.id, body, headers, retry=False)
+                for route in routes
+            ]
+            what = f"the handler tasks of event {event.id} in group {self._group!r}"
+            dispatch.dispatch(hub, message, sends, what)
+            return
         producer = self._producer()
         try:
-            for route in self._registry.event_routes_for(self._group, event):
-                self._sender.send(
-                    route.task_name,
-                    topology.handler_task_id(event.id, self._group, route.name),
-                    body,
-                    queue=topology.handler_queue_name(self._group),
-                    headers=headers,
-                    ignore_result=True,
-                    producer=producer,
-                )
+            for route in routes:
+                self._send(route, event.id, body, headers, producer)
         except BaseException:
             self.close()  # its connection may be broken: the next event takes a new one
             raise
         message.ack()
+
+    def _send(
+        self,
+        route: EventRoute,
+        event_id: str,
+        body: Any,
+        headers: dict[str, Any],
+        producer: Any,
+        retry: bool = True,
+    ) -> None:
+        """Publish the handler task of ``route`` for one event."""
+        self._sender.send(
+            route.task_name,
+            topology.handler_task_id(event_id, self._group, route.name),
+            body,
+            queue=topology.handler_queue_name(self._group),
+            headers=headers,
+            ignore_result=True,
+            producer=producer,
+            retry=retry,
+        )
 
     def close(self) -> None:
         """Give the held producer back to the pool."""
@@ -134,10 +168,17 @@ class GroupDispatcher:
             content_type=message.content_type,
             size=len(message.body or b""),
         )
-        send_dead_letter(self._celery, record)
+        if self._confirmed is not None:  # acked once the dead letter is stored
+            dispatch, hub = self._confirmed
+            send = functools.partial(send_dead_letter, self._celery, record, retry=False)
+            dispatch.dispatch(
+                hub, message, [send], f"the dead letter of a message from {self._queue}"
+            )
+        else:
+            send_dead_letter(self._celery, record)
+            message.ack()
         logger.warning("dead-lettered a message from %s: %s", self._queue, reason)
         self._on_dead_letter(record)
-        message.ack()
 
 
 class EventDispatchStep(bootsteps.ConsumerStep):
@@ -157,8 +198,13 @@ class EventDispatchStep(bootsteps.ConsumerStep):
     _rebind_timer: Any = None
     _consumers: list[Any]  # kombu Consumers; their channel and queues are set once consuming
     _dispatchers: list[GroupDispatcher]
+    #: publisher confirms for handler tasks (RabbitMQ with an event loop)
+    _confirmed: ConfirmedDispatch | None = None
 
     def start(self, c: Any) -> None:
+        if self.transport in CONFIRM_TRANSPORTS and c.hub is not None:
+            self._confirmed = ConfirmedDispatch(c.app)
+        self._dispatchers = []
         self._consumers = [self._consumer(c, group) for group in self.groups]
         self.consumers = self._consumers
         for consumer in self._consumers:
@@ -175,13 +221,17 @@ class EventDispatchStep(bootsteps.ConsumerStep):
             self._rebind_timer.cancel()
         for dispatcher in getattr(self, "_dispatchers", ()):
             dispatcher.close()
+        confirmed, self._confirmed = self._confirmed, None
+        if confirmed is not None:  # events confirmed from now on are redelivered, not acked
+            confirmed.close()
         super().stop(c)
 
     def _consumer(self, c: Any, group: str) -> Consumer:
+        confirmed = None if self._confirmed is None else (self._confirmed, c.hub)
         dispatcher = GroupDispatcher(
-            c.app, self.registry, group, self.max_bytes, self.on_dead_letter, self.tracer
+            c.app, self.registry, group, self.max_bytes, self.on_dead_letter, self.tracer, confirmed
         )
-        self._dispatchers = [*getattr(self, "_dispatchers", ()), dispatcher]
+        self._dispatchers.append(dispatcher)
         return Consumer(
             c.connection.channel(),
             queues=[group_queue(group, self.transport)],

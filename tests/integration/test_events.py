@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,9 +24,11 @@ from tests.integration.event_apps import Alpha, Boom, Chained, Said, record_key,
 from tests.support import (
     DEPLOYMENTS,
     REPO,
+    TEST_VHOST,
     WorkerProcess,
     clean_env,
     producer_settings,
+    rabbitmqctl,
     start_worker,
     wait_for,
 )
@@ -222,6 +225,49 @@ def test_the_same_event_twice_runs_each_handler_once(cluster: Cluster) -> None:
     wait_for(lambda: seen("beta", "said", marker.id), what="the marker in beta")
     assert len(seen("alpha", "said", event.id)) == 1
     assert len(seen("beta", "said", event.id)) == 1
+
+
+def queue_policy(queue: str) -> str:
+    """The policy RabbitMQ applies to ``queue`` of the tests' vhost ('' for none)."""
+    listed = rabbitmqctl("list_queues", "-p", TEST_VHOST, "name", "policy").stdout
+    for line in listed.splitlines():
+        name, _, policy = line.partition("\t")
+        if name == queue:
+            return policy.strip()
+    return ""
+
+
+def test_an_event_is_acked_only_once_the_broker_took_its_handler_tasks(cluster: Cluster) -> None:
+    if cluster.broker_name != "rabbitmq":
+        pytest.skip("publisher confirms are RabbitMQ's")
+    queue = topology.handler_queue_name("alpha")
+    policy = "itest-alpha-handler-tasks-refused"
+    # A full queue that rejects publishes: RabbitMQ nacks every handler task sent to it.
+    refuse = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    pattern = f"^{re.escape(queue)}$"
+    rabbitmqctl(
+        "set_policy", "-p", TEST_VHOST, "--apply-to", "queues", "--priority", "10",
+        policy, pattern, refuse,
+    )  # fmt: skip
+    event = Said(text="refused at first")
+    try:
+        wait_for(lambda: queue_policy(queue) == policy, what="the policy on the handler queue")
+        cluster.publish(event)
+        refused = f"did not take the handler tasks of event {event.id}".encode()
+        wait_for(
+            lambda: any(refused in w.log.read_bytes() for w in cluster.workers["alpha"]),
+            what="a refused dispatch in alpha's worker log",
+        )
+        assert seen("alpha", "said", event.id) == []
+    finally:
+        rabbitmqctl("clear_policy", "-p", TEST_VHOST, policy)
+    # The event was kept, not acked: once the queue takes tasks again its handler runs, once.
+    wait_for(lambda: seen("alpha", "said", event.id), what="alpha's run after the refusal")
+    marker = Said(text="after the refusal")
+    cluster.publish(marker)
+    wait_for(lambda: seen("alpha", "said", marker.id), what="the marker")
+    assert len(seen("alpha", "said", event.id)) == 1
+    assert len(seen("beta", "said", event.id)) == 1  # beta's queue took its task at once
 
 
 def test_two_workers_of_one_group_share_its_events_once_each(cluster: Cluster) -> None:
