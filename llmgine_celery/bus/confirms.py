@@ -44,8 +44,8 @@ class ConfirmChannel:
     """A confirm-mode channel used only by the publisher thread."""
 
     def __init__(self, connect: Callable[[], Any], exchange: Exchange | None) -> None:
-        """``exchange`` is declared on each new channel and is where ``publish`` sends; a
-        channel used only through ``publish_with`` needs none."""
+        # ``exchange``: declared on each new channel, and where ``publish`` sends; a
+        # channel used only through ``publish_with`` needs none
         self._connect = connect
         self._exchange = exchange
         self._conn: Any = None

@@ -95,11 +95,14 @@ class GroupDispatcher:
         except (MessageError, ValueError, TypeError) as exc:
             self._reject(message, f"invalid event: {exc}", f"{type(exc).__name__}: {exc}")
             return
+        routes = self._registry.event_routes_for(self._group, event)
+        if not routes:  # no handler in this group: nothing to send
+            message.ack()
+            return
         incoming = message.headers if isinstance(message.headers, dict) else {}
         passed = {**_correlation(incoming), **self._forward(incoming)}
         headers = event_headers(body, passed)
-        routes = self._registry.event_routes_for(self._group, event)
-        if self._confirmed is not None and routes:
+        if self._confirmed is not None:
             dispatch, hub = self._confirmed
             sends = [
                 functools.partial(self._send, route, event.id, body, headers, retry=False)
