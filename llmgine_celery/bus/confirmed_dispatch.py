@@ -1,13 +1,13 @@
 """Handler tasks sent with publisher confirms, off the worker's consumer thread (RabbitMQ).
 
-A group's dispatcher turns one event into one task per handler, then acks the
-event. Acked before the broker has stored those tasks, the event would be lost
-with them if the broker or the connection failed in between: so on RabbitMQ
-the event is acked only once every one of its tasks is confirmed. A task the
-broker refuses (nack), or one unconfirmed when the connection is lost, puts
-the event back in its group queue ``REQUEUE_DELAY`` seconds later; the tasks
-of it that did get through run once all the same (a handler run leaves a
-done-marker, see ``handler_tasks``).
+A group's dispatcher turns one event into one task per handler (or a bad
+message into a dead letter), then acks the message. Acked before the broker
+has stored what it sent, the message would be lost with it if the broker or
+the connection failed in between: so on RabbitMQ the message is acked only
+once everything it sent is confirmed. A refusal (nack), a lost connection or
+no answer within ``confirms.CONFIRM_TIMEOUT`` puts the message back in its
+group queue ``REQUEUE_DELAY`` seconds later. Sent again, a task that already ran is
+skipped (a successful handler run leaves a done-marker, see ``handler_tasks``).
 
 The tasks are published by a publisher thread (``BatchPublisher``) on a
 confirm-mode channel of its own connection, and the acks are written on the
