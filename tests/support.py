@@ -262,8 +262,13 @@ def start_worker(
     log_dir: Path,
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    ready: bool = True,
 ) -> WorkerProcess:
-    """Start ``celery -A app_spec worker`` against real servers and wait until it answers."""
+    """Start ``celery -A app_spec worker`` against real servers and wait until it answers.
+
+    ``ready=False`` returns once the process is started: for a broker that would
+    hold the answer back (a memory alarm blocks the ping's reply).
+    """
     node = f"test-{pool}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log = log_dir / f"{node.split('@')[0]}.log"
     command = [
@@ -278,6 +283,8 @@ def start_worker(
         proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
     control = Celery("test-control", broker=broker, backend=backend, set_as_current=False)
     worker = WorkerProcess(proc, node, log, pool, control)
+    if not ready:
+        return worker
     try:
         worker.wait_ready()
     except BaseException:
