@@ -34,18 +34,30 @@ pytestmark = pytest.mark.reliability
 EVENTS = 300
 #: the group consumer's prefetch: the events a worker holds unacked at most
 PREFETCH = 32
+#: a memory watermark every broker is over: the alarm is set at once
+ALARM_BYTES = 1
+
+
+def watermark() -> list[str]:
+    """The ``set_vm_memory_high_watermark`` arguments that keep the broker's setting.
+
+    A run killed mid-test leaves the alarm's 1-byte watermark: that one is put
+    back to RabbitMQ's default at once, or nothing could be published.
+    """
+    status = json.loads(rabbitmqctl("status", "--formatter", "json").stdout)
+    setting = status["vm_memory_high_watermark_setting"]
+    if setting == {"absolute": ALARM_BYTES}:
+        setting = {"relative": 0.4}
+        rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+    if "absolute" in setting:
+        return ["absolute", str(setting["absolute"])]
+    return [str(setting["relative"])]
 
 
 @contextmanager
-def memory_alarm() -> Iterator[None]:
-    """Set RabbitMQ's memory alarm (a 1-byte watermark); put the watermark back after."""
-    status = json.loads(rabbitmqctl("status", "--formatter", "json").stdout)
-    setting = status["vm_memory_high_watermark_setting"]
-    if "absolute" in setting:
-        restore = ["absolute", str(setting["absolute"])]
-    else:
-        restore = [str(setting["relative"])]
-    rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
+def memory_alarm(restore: list[str]) -> Iterator[None]:
+    """Set RabbitMQ's memory alarm (a 1-byte watermark); then set ``restore`` again."""
+    rabbitmqctl("set_vm_memory_high_watermark", "absolute", str(ALARM_BYTES))
     try:
         yield
     finally:
@@ -77,6 +89,7 @@ def test_events_dispatched_during_a_memory_alarm_are_kept_then_handled_once(
 ) -> None:
     require_service(RABBITMQ_URL)
     ensure_test_vhost()
+    restore = watermark()
     broker, backend = DEPLOYMENTS["rabbitmq"]
     producer = Alpha(
         ApplicationConfig(name="alpha", settings=producer_settings("rabbitmq", tmp_path))
@@ -92,7 +105,7 @@ def test_events_dispatched_during_a_memory_alarm_are_kept_then_handled_once(
         producer.message_bus.publish_sync(event)
     worker = None
     try:
-        with memory_alarm():
+        with memory_alarm(restore):
             worker = start_worker(
                 "tests.integration.event_apps:alpha_celery",
                 broker,
