@@ -36,6 +36,8 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 GROUPS = ("alpha", "beta", "gamma")
+#: a RabbitMQ policy one test sets on alpha's handler queue (and clears)
+REFUSING_POLICY = "itest-alpha-handler-tasks-refused"
 #: Celery queues each group's workers consume (beta alone serves the Shout command)
 QUEUES = {
     "alpha": [topology.handler_queue_name("alpha")],
@@ -128,6 +130,8 @@ def cluster(
     tmp = tmp_path_factory.mktemp(f"events-{broker_name}")
     settings = producer_settings(broker_name, tmp)
     producer = Alpha(ApplicationConfig(name="alpha", settings=settings))
+    if broker_name == "rabbitmq":  # left by a run killed mid-test, it would refuse alpha's tasks
+        rabbitmqctl("clear_policy", "-p", TEST_VHOST, REFUSING_POLICY, check=False)
     producer.declare()
     purge_everything(producer)
     # gamma is declared (by the CLI, as a deployment would) but has no worker yet
@@ -241,7 +245,7 @@ def test_an_event_is_acked_only_once_the_broker_took_its_handler_tasks(cluster: 
     if cluster.broker_name != "rabbitmq":
         pytest.skip("publisher confirms are RabbitMQ's")
     queue = topology.handler_queue_name("alpha")
-    policy = "itest-alpha-handler-tasks-refused"
+    policy = REFUSING_POLICY
     # A full queue that rejects publishes: RabbitMQ nacks every handler task sent to it.
     refuse = json.dumps({"max-length": 0, "overflow": "reject-publish"})
     pattern = f"^{re.escape(queue)}$"
