@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import threading
 from collections import defaultdict
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmgine_celery.errors import BrokerUnavailableError
+
+logger = logging.getLogger(__name__)
 
 #: seconds the thread waits for the broker's frames before it looks again at
 #: what is pending (a confirmation past its deadline is settled: it fails)
@@ -275,12 +278,16 @@ def _report(outcomes: list[tuple[_Job, BaseException | None]]) -> None:
         if error is None and not job.always:
             continue
         if job.loop is None:
-            job.callback(error)
+            try:
+                job.callback(error)
+            except Exception:  # one caller's callback must not stop the thread
+                logger.exception("a publish callback failed")
         else:
             by_loop[job.loop].append((job.callback, error))
     for loop, calls in by_loop.items():
         if not loop.is_closed():
-            loop.call_soon_threadsafe(_call_back, calls)
+            with contextlib.suppress(RuntimeError):  # closed since: nobody waits there
+                loop.call_soon_threadsafe(_call_back, calls)
 
 
 def _call_back(calls: list[tuple[Callback, BaseException | None]]) -> None:

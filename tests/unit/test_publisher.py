@@ -278,3 +278,22 @@ def test_send_then_tells_its_callback_the_outcome_on_the_publisher_thread(
         assert told == [(2, refused, "llmgine-publisher"), (1, None, "llmgine-publisher")]
     finally:
         pub.close()
+
+
+def test_a_callback_that_raises_does_not_stop_the_publisher_thread(answers: Answers) -> None:
+    pub = publisher(answers)
+    published: list[int] = []
+    told: list[BaseException | None] = []
+
+    def broken(_: BaseException | None) -> None:
+        raise RuntimeError("the hub is closed")
+
+    try:
+        pub.send_then(sending(answers, 1, published), broken)
+        answers.answer(1)
+        pub.send_then(sending(answers, 2, published), told.append)
+        wait_for(lambda: published == [1, 2], DEADLINE, "the second publish")
+        answers.answer(2)
+        wait_for(lambda: told == [None], DEADLINE, "the second callback")
+    finally:
+        pub.close()
