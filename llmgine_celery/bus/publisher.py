@@ -107,7 +107,7 @@ class BatchPublisher:
     def submit_sync(self, send: Send, timeout: float | None = None) -> None:
         """``submit`` for callers without an event loop (blocks this thread)."""
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._enqueue(_Job(None, send, functools.partial(_settle_sync, future), always=True))
+        self.send_then(send, functools.partial(_settle_sync, future))
         future.result(timeout)
 
     def post(self, send: Send, on_error: Callback) -> None:
