@@ -61,18 +61,19 @@ class AllConfirmed:
 class ConfirmedDispatch:
     """A worker's confirmed dispatch: one publisher thread and channel for all its groups."""
 
-    def __init__(self, celery: Celery) -> None:
+    def __init__(self, celery: Celery, hub: Any) -> None:
+        self._hub = hub
         self._confirms = ConfirmChannel(celery.connection_for_write, None)
         # the sends publish on the confirm channel's producer: no pooled one is needed
         self._publisher = BatchPublisher(lambda: nullcontext(None), acks=self._confirms)
 
-    def dispatch(self, hub: Any, message: Message, sends: Sequence[TaskSend], what: str) -> None:
-        """Publish ``sends`` on the publisher thread; then, on ``hub``, settle ``message``.
+    def dispatch(self, message: Message, sends: Sequence[TaskSend], what: str) -> None:
+        """Publish ``sends`` on the publisher thread; then, on the hub, settle ``message``.
 
         Settled means acked once every send is confirmed, or else requeued after
         ``REQUEUE_DELAY`` seconds. ``what`` names what was sent, in the warning.
         """
-        confirms = self._confirms
+        confirms, hub = self._confirms, self._hub
 
         def send_all(_: Any) -> Confirmation:
             return AllConfirmed([confirms.publish_with(send) for send in sends])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -22,7 +22,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer
 
 from llmgine_celery.bus import topology
-from llmgine_celery.bus.confirmed_dispatch import ConfirmedDispatch
+from llmgine_celery.bus.confirmed_dispatch import ConfirmedDispatch, TaskSend
 from llmgine_celery.bus.dead_letters import INVALID_MESSAGE, DeadLetter, raw_text, send_dead_letter
 from llmgine_celery.bus.events import event_headers, group_queue
 from llmgine_celery.bus.registry import EventRoute, HandlerRegistry
@@ -57,9 +57,9 @@ class GroupDispatcher:
         max_bytes: int,
         on_dead_letter: DeadLetterHook,
         tracer: Tracer = NO_TRACER,
-        confirmed: tuple[ConfirmedDispatch, Any] | None = None,
+        confirmed: ConfirmedDispatch | None = None,
     ) -> None:
-        """``confirmed``: the worker's confirmed dispatch and its hub, to send with confirms."""
+        """``confirmed``: the worker's confirmed dispatch, to send with publisher confirms."""
         self._celery = celery
         self._confirmed = confirmed
         self._forward = tracer.forward
@@ -102,21 +102,21 @@ class GroupDispatcher:
         incoming = message.headers if isinstance(message.headers, dict) else {}
         passed = {**_correlation(incoming), **self._forward(incoming)}
         headers = event_headers(body, passed)
+        sends = [functools.partial(self._send, route, event.id, body, headers) for route in routes]
+        what = f"the handler tasks of event {event.id} in group {self._group!r}"
+        self._send_then_ack(message, sends, what)
+
+    def _send_then_ack(self, message: Message, sends: Sequence[TaskSend], what: str) -> None:
+        """Ack ``message`` once ``sends`` are done: confirmed (RabbitMQ), else sent from here."""
         if self._confirmed is not None:
-            dispatch, hub = self._confirmed
-            sends = [
-                functools.partial(self._send, route, event.id, body, headers, retry=False)
-                for route in routes
-            ]
-            what = f"the handler tasks of event {event.id} in group {self._group!r}"
-            dispatch.dispatch(hub, message, sends, what)
+            self._confirmed.dispatch(message, sends, what)
             return
         producer = self._producer()
         try:
-            for route in routes:
-                self._send(route, event.id, body, headers, producer)
+            for send in sends:
+                send(producer)
         except BaseException:
-            self.close()  # its connection may be broken: the next event takes a new one
+            self.close()  # its connection may be broken: the next message takes a new one
             raise
         message.ack()
 
@@ -127,7 +127,6 @@ class GroupDispatcher:
         body: Any,
         headers: dict[str, Any],
         producer: Any,
-        retry: bool = True,
     ) -> None:
         """Publish the handler task of ``route`` for one event."""
         self._sender.send(
@@ -138,7 +137,8 @@ class GroupDispatcher:
             headers=headers,
             ignore_result=True,
             producer=producer,
-            retry=retry,
+            # a confirm-mode producer must not move to a revived connection
+            retry=self._confirmed is None,
         )
 
     def close(self) -> None:
@@ -171,15 +171,9 @@ class GroupDispatcher:
             content_type=message.content_type,
             size=len(message.body or b""),
         )
-        if self._confirmed is not None:  # acked once the dead letter is stored
-            dispatch, hub = self._confirmed
-            send = functools.partial(send_dead_letter, self._celery, record, retry=False)
-            dispatch.dispatch(
-                hub, message, [send], f"the dead letter of a message from {self._queue}"
-            )
-        else:
-            send_dead_letter(self._celery, record)
-            message.ack()
+        retry = self._confirmed is None
+        send = functools.partial(send_dead_letter, self._celery, record, retry=retry)
+        self._send_then_ack(message, [send], f"the dead letter of a message from {self._queue}")
         logger.warning("dead-lettered a message from %s: %s", self._queue, reason)
         self._on_dead_letter(record)
 
@@ -206,7 +200,7 @@ class EventDispatchStep(bootsteps.ConsumerStep):
 
     def start(self, c: Any) -> None:
         if self.transport in CONFIRM_TRANSPORTS and c.hub is not None:
-            self._confirmed = ConfirmedDispatch(c.app)
+            self._confirmed = ConfirmedDispatch(c.app, c.hub)
         self._dispatchers = []
         self._consumers = [self._consumer(c, group) for group in self.groups]
         self.consumers = self._consumers
@@ -230,9 +224,14 @@ class EventDispatchStep(bootsteps.ConsumerStep):
         super().stop(c)
 
     def _consumer(self, c: Any, group: str) -> Consumer:
-        confirmed = None if self._confirmed is None else (self._confirmed, c.hub)
         dispatcher = GroupDispatcher(
-            c.app, self.registry, group, self.max_bytes, self.on_dead_letter, self.tracer, confirmed
+            c.app,
+            self.registry,
+            group,
+            self.max_bytes,
+            self.on_dead_letter,
+            self.tracer,
+            self._confirmed,
         )
         self._dispatchers.append(dispatcher)
         return Consumer(
