@@ -245,17 +245,18 @@ def test_an_event_is_acked_only_once_the_broker_took_its_handler_tasks(cluster: 
     if cluster.broker_name != "rabbitmq":
         pytest.skip("publisher confirms are RabbitMQ's")
     queue = topology.handler_queue_name("alpha")
-    policy = REFUSING_POLICY
     # A full queue that rejects publishes: RabbitMQ nacks every handler task sent to it.
     refuse = json.dumps({"max-length": 0, "overflow": "reject-publish"})
     pattern = f"^{re.escape(queue)}$"
     rabbitmqctl(
         "set_policy", "-p", TEST_VHOST, "--apply-to", "queues", "--priority", "10",
-        policy, pattern, refuse,
+        REFUSING_POLICY, pattern, refuse,
     )  # fmt: skip
     event = Said(text="refused at first")
     try:
-        wait_for(lambda: queue_policy(queue) == policy, what="the policy on the handler queue")
+        wait_for(
+            lambda: queue_policy(queue) == REFUSING_POLICY, what="the policy on the handler queue"
+        )
         cluster.publish(event)
         refused = f"did not take the handler tasks of event {event.id}".encode()
         wait_for(
@@ -264,7 +265,7 @@ def test_an_event_is_acked_only_once_the_broker_took_its_handler_tasks(cluster: 
         )
         assert seen("alpha", "said", event.id) == []
     finally:
-        rabbitmqctl("clear_policy", "-p", TEST_VHOST, policy)
+        rabbitmqctl("clear_policy", "-p", TEST_VHOST, REFUSING_POLICY)
     # The event was kept, not acked: once the queue takes tasks again its handler runs, once.
     wait_for(lambda: seen("alpha", "said", event.id), what="alpha's run after the refusal")
     marker = Said(text="after the refusal")
